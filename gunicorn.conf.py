@@ -1,0 +1,54 @@
+"""gunicorn settings for wsgi_hijack: ``gunicorn -c gunicorn.conf.py wsgi_hijack:app``.
+
+Every value can be overridden on the command line or in GUNICORN_CMD_ARGS.
+"""
+
+import logging
+import os
+import resource
+
+bind = os.environ.get("WSGI_HIJACK_BIND", "127.0.0.1:8000")
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+# Concurrent requests being *handled*; hijacked connections leave the pool at
+# once, so this does not bound how many connections a worker holds.
+worker_connections = 1000
+# The kernel caps the backlog at net.core.somaxconn (4096 here); in a connect
+# storm the queue, not the worker, decides who is dropped.
+backlog = 4096
+keepalive = 5
+
+
+def _raise_nofile() -> tuple[int, int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, hard, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def on_starting(server):
+    soft, hard, now = _raise_nofile()
+    server.log.info("RLIMIT_NOFILE: soft %d, hard %d; soft now %d (each held "
+                    "connection is one fd)", soft, hard, now)
+
+
+def post_worker_init(worker):
+    # Start the reactor after the fork, in the worker's gevent hub, so that
+    # heartbeats run even before the first hijack.
+    from wsgi_hijack.reactor import get_reactor
+
+    logger = logging.getLogger("wsgi_hijack")
+    if not logger.handlers:
+        for handler in logging.getLogger("gunicorn.error").handlers:
+            logger.addHandler(handler)
+        logger.setLevel(os.environ.get("WSGI_HIJACK_LOG_LEVEL", "INFO").upper())
+        logger.propagate = False
+    get_reactor()
+
+
+def worker_exit(server, worker):
+    from wsgi_hijack import reactor as reactor_module
+
+    reactor = reactor_module._reactor
+    if reactor is not None and reactor.pid == os.getpid():
+        reactor.close(goodbye=True)

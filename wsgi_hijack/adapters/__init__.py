@@ -1,0 +1,29 @@
+"""Server adapters: one module per server kind, each knowing how to detach
+the client connection from that server and step back cleanly.
+
+:func:`detect` asks each in turn; the first that recognises the request wins.
+``None`` means this server cannot hijack, and the environ says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ServerConnection
+from .gunicorn_gevent import GunicornGeventConnection
+from .pywsgi import PyWSGIConnection
+
+# pywsgi first: gunicorn's gevent_pywsgi worker also sets gunicorn.socket,
+# but the connection belongs to a pywsgi handler there.
+ADAPTERS: list[Any] = [PyWSGIConnection, GunicornGeventConnection]
+
+
+def detect(environ: dict, start_response: Any) -> ServerConnection | None:
+    for adapter in ADAPTERS:
+        conn = adapter.detect(environ, start_response)
+        if conn is not None:
+            return conn
+    return None
+
+
+__all__ = ["ServerConnection", "detect", "ADAPTERS"]

@@ -1,0 +1,30 @@
+"""A held connection: the smallest record the reactor needs per client.
+
+No socket object, no greenlet, no watcher: an fd number, the protocol it
+speaks, and bytes still waiting to be sent. With ``__slots__`` this is about
+80 bytes of Python heap, so memory per held connection is dominated by the
+reactor's dict entry and the kernel, not by Python objects.
+"""
+
+from __future__ import annotations
+
+from .protocols.base import Protocol
+
+
+class Connection:
+    __slots__ = ("fd", "protocol", "outbuf", "__weakref__")
+
+    def __init__(self, fd: int, protocol: Protocol) -> None:
+        #: The client's socket fd, owned by the reactor; -1 once closed.
+        self.fd = fd
+        self.protocol = protocol
+        #: Bytes the kernel would not take yet (b"" when none).
+        self.outbuf = b""
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self.fd < 0 else f"fd={self.fd}"
+        return f"<Connection {state} {self.protocol.name} outbuf={len(self.outbuf)}>"

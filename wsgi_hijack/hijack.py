@@ -1,0 +1,248 @@
+"""The hijack API in the WSGI environ: Rack's ``rack.hijack`` for WSGI.
+
+:class:`HijackMiddleware` wraps any WSGI app. For each request it asks the
+server adapters (:mod:`wsgi_hijack.adapters`) whether this server's
+connection can be taken, and puts three keys in the environ:
+
+``wsgi_hijack.hijackable``
+    ``True`` when the connection can be hijacked (Rack's ``rack.hijack?``).
+``wsgi_hijack.hijack``
+    Full hijack: call it, get a :class:`HijackedSocket`, own the connection.
+    The server writes nothing more to it and closes nothing.
+``wsgi_hijack.partial_hijack``
+    Partial hijack: the app calls ``start_response`` as usual, then returns
+    ``environ["wsgi_hijack.partial_hijack"](callback)``. The library writes the
+    status line and headers once, then calls ``callback(sock)``.
+
+The middleware must be the outermost layer the server calls (that is the one
+line a legacy app changes), because it alone decides what the server sees
+when a request was hijacked. Middleware *inside* it may wrap
+``start_response`` and the body freely: a hijack is recorded on the request,
+not signalled through the body, and the status and headers written for a
+partial hijack are the ones that reached the middleware through the app's
+``start_response`` chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import adapters
+from .adapters.base import ServerConnection
+
+log = logging.getLogger("wsgi_hijack")
+
+HIJACKABLE = "wsgi_hijack.hijackable"
+HIJACK = "wsgi_hijack.hijack"
+PARTIAL_HIJACK = "wsgi_hijack.partial_hijack"
+
+StartResponse = Callable[..., Callable[[bytes], Any]]
+WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
+
+
+class HijackError(RuntimeError):
+    """A hijack that cannot be done as asked; the message says what to change."""
+
+
+class HijackedSocket:
+    """The raw client connection, as a socket, after a hijack.
+
+    Bytes the server had already read past the request head (a client may send
+    them right behind it) are returned first by :meth:`recv` and
+    :meth:`recv_into`, so nothing the client sent is lost. Everything else is
+    the wrapped socket's own method.
+    """
+
+    __slots__ = ("_sock", "_pending")
+
+    def __init__(self, sock: socket.socket, pending: bytes = b"") -> None:
+        self._sock = sock
+        self._pending = pending
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received before the hijack and not yet returned by recv()."""
+        return self._pending
+
+    def take_pending(self) -> bytes:
+        data, self._pending = self._pending, b""
+        return data
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending[:bufsize], self._pending[bufsize:]
+            return data
+        return self._sock.recv(bufsize, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self._pending:
+            view = memoryview(buffer).cast("B")
+            n = min(len(view), nbytes or len(view), len(self._pending))
+            view[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            return n
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def detach(self) -> int:
+        """Give up the socket object and return its fd; call take_pending() first."""
+        return self._sock.detach()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def __enter__(self) -> HijackedSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def __repr__(self) -> str:
+        return f"<HijackedSocket fd={self._sock.fileno()} pending={len(self._pending)}>"
+
+
+def encode_head(status: str, headers: list[tuple[str, str]]) -> bytes:
+    """The HTTP/1.1 status line and header block, validated like a server would.
+
+    A CR or LF in a name or value would let the app (or whoever fed it the
+    value) inject headers or a second response, so it is refused.
+    """
+    if not isinstance(status, str) or len(status) < 4 or not status[:3].isdigit():
+        raise HijackError(f"status must be a str like '200 OK', got {status!r}")
+    lines = [f"HTTP/1.1 {status}\r\n"]
+    for name, value in headers:
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise HijackError(f"header names and values must be str: {name!r}: {value!r}")
+        if any(c in name for c in "\r\n:") or not name or "\r" in value or "\n" in value:
+            raise HijackError(f"invalid header {name!r}: {value!r} (no CR, LF, or ':' in names)")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+class _Request:
+    """The hijack state of one request, between the middleware and the app."""
+
+    __slots__ = ("environ", "server_start_response", "server", "hijacked",
+                 "status", "headers", "partial_callback", "forwarded", "server_write")
+
+    def __init__(self, environ: dict, start_response: StartResponse,
+                 server: ServerConnection | None) -> None:
+        self.environ = environ
+        self.server_start_response = start_response
+        self.server = server
+        self.hijacked = False
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] | None = None
+        self.partial_callback: Callable[[HijackedSocket], None] | None = None
+        self.forwarded = False
+
+    # start_response is held back until we know the app did not hijack: a
+    # server like pywsgi writes the head by itself once it has a status.
+    def start_response(self, status: str, headers: list, exc_info: Any = None):
+        if self.forwarded:
+            return self.server_start_response(status, headers, exc_info)
+        self.status, self.headers = status, headers
+        return self._write
+
+    def _write(self, data: bytes) -> None:
+        # The app uses the legacy write() callable: it is not hijacking.
+        if self.hijacked:
+            raise HijackError("write() called after the connection was hijacked")
+        self.forward()
+        self.server_write(data)
+
+    def forward(self) -> None:
+        if not self.forwarded:
+            self.forwarded = True
+            if self.status is not None:
+                self.server_write = self.server_start_response(self.status, self.headers)
+
+    def full_hijack(self) -> HijackedSocket:
+        if self.server is None:
+            raise HijackError("this server cannot hijack; check environ['wsgi_hijack.hijackable']")
+        if self.hijacked:
+            raise HijackError("the connection was already hijacked")
+        if self.forwarded:
+            raise HijackError("the response was already started; hijack before writing")
+        self.hijacked = True
+        sock, pending = self.server.take()
+        return HijackedSocket(sock, pending)
+
+    def partial_hijack(self, callback: Callable[[HijackedSocket], None]) -> list[bytes]:
+        if self.server is None:
+            raise HijackError("this server cannot hijack; check environ['wsgi_hijack.hijackable']")
+        if self.status is None:
+            raise HijackError("call start_response(status, headers) before partial_hijack()")
+        if self.hijacked:
+            raise HijackError("the connection was already hijacked")
+        if not callable(callback):
+            raise HijackError(f"partial_hijack needs a callable, got {callback!r}")
+        self.partial_callback = callback
+        self.hijacked = True
+        return []
+
+
+class HijackMiddleware:
+    """Wrap a WSGI app so that it can hijack its client connections.
+
+    ``app = HijackMiddleware(app)`` is the whole change for a legacy app.
+    """
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        server = adapters.detect(environ, start_response)
+        request = _Request(environ, start_response, server)
+        environ[HIJACKABLE] = server is not None
+        environ[HIJACK] = request.full_hijack
+        environ[PARTIAL_HIJACK] = request.partial_hijack
+        result = self.app(environ, request.start_response)
+        if not request.hijacked:
+            request.forward()
+            return result
+        _close_quietly(result)
+        assert server is not None
+        if request.partial_callback is not None:
+            head = encode_head(request.status or "", request.headers or [])
+            sock = HijackedSocket(*server.take())
+            try:
+                sock.sendall(head)
+            except OSError as exc:
+                log.debug("client went away before the response head was written: %s", exc)
+                sock.close()
+            else:
+                request.partial_callback(sock)
+        return server.finish(request.status)
+
+
+def _close_quietly(result: Iterable[bytes]) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("error closing the body the app returned with its hijack")
+
+
+def full_hijack(environ: dict) -> HijackedSocket:
+    """Take the client connection now; see ``wsgi_hijack.hijack`` in the environ."""
+    try:
+        return environ[HIJACK]()
+    except KeyError:
+        raise HijackError("no hijack in this environ: wrap the app in HijackMiddleware") from None
+
+
+def partial_hijack(environ: dict, callback: Callable[[HijackedSocket], None]) -> list[bytes]:
+    """Return this from the app after start_response(); callback gets the socket."""
+    try:
+        return environ[PARTIAL_HIJACK](callback)
+    except KeyError:
+        raise HijackError("no hijack in this environ: wrap the app in HijackMiddleware") from None
+
+
+def is_hijackable(environ: dict) -> bool:
+    return bool(environ.get(HIJACKABLE))

@@ -1,0 +1,367 @@
+"""The reactor: one per worker process, holding every hijacked connection.
+
+The life of a held connection, all in this file:
+
+1. **handed over** -- :meth:`Reactor.hold`, from any greenlet or OS thread,
+   detaches the socket's fd, wraps it in a :class:`Connection` and appends it
+   to a thread-safe inbox, then wakes the gevent hub through an ``async``
+   watcher (no polling sleep loop).
+2. **stored** -- :meth:`Reactor._adopt` moves it into ``self._conns`` (fd ->
+   Connection) and registers the fd in one ``epoll`` set that the hub watches
+   through a single io watcher. No greenlet and no watcher per connection.
+3. **written** -- :meth:`Reactor._write` sends with one non-blocking
+   ``write``; what the kernel does not take waits in ``conn.outbuf`` and the fd
+   is armed for ``EPOLLOUT``.
+4. **drained** -- :meth:`Reactor._flush` runs when the fd is writable and
+   disarms ``EPOLLOUT`` once ``outbuf`` is empty.
+5. **dropped** -- :meth:`Reactor._drop`: the client closed (EOF, reset, hangup,
+   seen at once through ``EPOLLIN``/``EPOLLRDHUP``), a write failed, the
+   protocol refused its input, or its ``outbuf`` passed ``max_buffer`` (a
+   client that stopped reading). Its fd is unregistered and closed. One
+   client's failure never stops the loop over the others.
+6. **closed** -- :meth:`Reactor.close` at worker exit writes each protocol's
+   goodbye, best effort, and closes every fd.
+
+Everything runs in one greenlet (``_run``) that never blocks: every syscall
+on a client fd is non-blocking, and errors are caught per connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select as _select_module
+import signal
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent import monkey
+
+from . import config
+from .connection import Connection
+from .protocols.base import Protocol, ProtocolError
+
+log = logging.getLogger("wsgi_hijack.reactor")
+
+# gevent's monkeypatching removes select.epoll; the original is still there.
+_epoll = monkey.get_original("select", "epoll")
+EPOLLIN = _select_module.EPOLLIN
+EPOLLOUT = _select_module.EPOLLOUT
+EPOLLRDHUP = _select_module.EPOLLRDHUP
+EPOLLHUP = _select_module.EPOLLHUP
+EPOLLERR = _select_module.EPOLLERR
+_READ_MASK = EPOLLIN | EPOLLRDHUP
+_CLOSED_MASK = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
+_POLL_BATCH = 4096
+_READ_SIZE = 65536
+
+_write = os.write
+_read = os.read
+
+
+class Reactor:
+    """Holds hijacked connections and writes heartbeats to all of them."""
+
+    def __init__(self, heartbeat: float | None = None, max_buffer: int | None = None) -> None:
+        if heartbeat is None:
+            heartbeat = config.heartbeat_interval()
+        self.heartbeat_interval = heartbeat
+        self.max_buffer = max_buffer if max_buffer is not None else config.max_buffer()
+        if self.heartbeat_interval <= 0 or self.max_buffer <= 0:
+            raise ValueError("heartbeat and max_buffer must be positive")
+        self.pid = os.getpid()
+        self._conns: dict[int, Connection] = {}
+        self._inbox: deque[tuple[Connection, bytes]] = deque()
+        self._epoll: Any = None
+        self._greenlet: gevent.Greenlet | None = None
+        self._running = False
+        self.stats = {
+            "adopted": 0,
+            "dropped_closed": 0,  # client went away (EOF, reset, write error)
+            "dropped_slow": 0,  # client stopped reading; outbuf passed max_buffer
+            "dropped_protocol": 0,  # client sent what its protocol refuses
+            "rounds": 0,
+            "last_write_run": 0.0,
+        }
+
+    # -- starting and stopping -------------------------------------------------
+
+    def start(self) -> Reactor:
+        """Start in the calling thread's gevent hub (the one serving requests)."""
+        if self._running:
+            return self
+        _ignore_sigpipe()
+        hub = gevent.get_hub()
+        self._hub_thread = threading.get_ident()
+        self._epoll = _epoll()
+        self._wake = gevent.event.Event()
+        self._io_watcher = hub.loop.io(self._epoll.fileno(), 1)
+        self._io_watcher.start(self._wake.set)
+        self._async = hub.loop.async_()
+        self._async.start(self._wake.set)
+        self._running = True
+        self._greenlet = gevent.spawn(self._run)
+        log.debug("reactor started in pid %d, heartbeat every %.3g s", self.pid,
+                  self.heartbeat_interval)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def close(self, goodbye: bool = True) -> None:
+        """Say each protocol's goodbye (best effort, never blocking) and close all."""
+        if not self._running:
+            return
+        self._running = False
+        self._adopt()
+        for conn in list(self._conns.values()):
+            if goodbye and conn.protocol.goodbye and not conn.outbuf:
+                try:
+                    _write(conn.fd, conn.protocol.goodbye)
+                except OSError:
+                    pass
+            self._drop(conn, None)
+        self._io_watcher.stop()
+        self._async.stop()
+        self._epoll.close()
+        if self._greenlet is not None and gevent.getcurrent() is not self._greenlet:
+            self._greenlet.kill(block=False)
+
+    # -- 1. handed over ---------------------------------------------------------
+
+    def hold(self, sock: Any, protocol: Protocol, initial: bytes = b"") -> Connection:
+        """Take ``sock`` (a socket, or a HijackedSocket) and hold it; thread-safe.
+
+        The socket object is detached: its fd now belongs to the reactor.
+        ``initial`` bytes are written first, before any heartbeat.
+        """
+        if not self._running:
+            raise RuntimeError("reactor is not running; get it with wsgi_hijack.get_reactor()")
+        take_pending = getattr(sock, "take_pending", None)
+        pending = take_pending() if take_pending is not None else b""
+        fd = sock.detach()
+        if fd < 0:
+            raise ValueError(f"{sock!r} has no open file descriptor")
+        os.set_blocking(fd, False)
+        conn = Connection(fd, protocol)
+        conn.outbuf = initial
+        self._inbox.append((conn, pending))
+        self._async.send()  # wakes the hub, from this thread or any other
+        return conn
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat_interval
+        while self._running:
+            self._wake.wait(max(0.0, next_beat - time.monotonic()))
+            self._wake.clear()
+            if not self._running:
+                break
+            self._guarded(self._adopt)
+            self._guarded(self._poll)
+            now = time.monotonic()
+            if now >= next_beat:
+                self._guarded(self.heartbeat_round)
+                # Drift-free, but never try to catch up on missed rounds.
+                next_beat = max(next_beat + self.heartbeat_interval, now)
+
+    def _guarded(self, step: Any) -> None:
+        try:
+            step()
+        except Exception:  # nothing may kill the reactor; one bad step is logged
+            log.exception("reactor step %s failed", step.__name__)
+
+    # -- 2. stored ---------------------------------------------------------------
+
+    def _adopt(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            conn, pending = inbox.popleft()
+            try:
+                self._epoll.register(conn.fd, _READ_MASK)
+            except OSError as exc:
+                log.warning("cannot watch fd %d, closing it: %s", conn.fd, exc)
+                _close_fd(conn)
+                continue
+            self._conns[conn.fd] = conn
+            self.stats["adopted"] += 1
+            if conn.outbuf:
+                initial, conn.outbuf = conn.outbuf, b""
+                self._write(conn, initial)
+            if pending and conn.fd >= 0:
+                self._received(conn, pending)
+
+    # -- reading, and noticing that the client left -------------------------------
+
+    def _poll(self) -> None:
+        conns = self._conns
+        while True:
+            events = self._epoll.poll(0, _POLL_BATCH)
+            for fd, mask in events:
+                conn = conns.get(fd)
+                if conn is None:
+                    continue
+                if mask & _CLOSED_MASK:
+                    self._read(conn)
+                if mask & EPOLLOUT and conn.fd >= 0:
+                    self._flush(conn)
+            if len(events) < _POLL_BATCH:
+                return
+            gevent.sleep(0)  # a storm of events: let the accept loop run in between
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = _read(conn.fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(conn, "dropped_closed")
+            return
+        if not data:
+            self._drop(conn, "dropped_closed")
+            return
+        self._received(conn, data)
+
+    def _received(self, conn: Connection, data: bytes) -> None:
+        try:
+            reply = conn.protocol.receive_data(data)
+        except ProtocolError as exc:
+            log.info("closing fd %d: %s", conn.fd, exc)
+            self._drop(conn, "dropped_protocol")
+            return
+        if reply:
+            self._write(conn, reply)
+
+    # -- 3. written ----------------------------------------------------------------
+
+    def _write(self, conn: Connection, data: bytes) -> None:
+        if conn.outbuf:
+            if len(conn.outbuf) + len(data) > self.max_buffer:
+                self._drop(conn, "dropped_slow")
+            else:
+                conn.outbuf += data
+            return
+        try:
+            sent = _write(conn.fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop(conn, "dropped_closed")
+            return
+        if sent < len(data):
+            if len(data) - sent > self.max_buffer:
+                self._drop(conn, "dropped_slow")
+                return
+            conn.outbuf = data[sent:]
+            self._epoll.modify(conn.fd, _READ_MASK | EPOLLOUT)
+
+    def write(self, conn: Connection, data: bytes) -> None:
+        """Write to one held connection; call from the reactor's thread."""
+        if conn.fd >= 0:
+            self._write(conn, data)
+
+    def heartbeat_round(self) -> float:
+        """Write every connection's heartbeat; return the write run's seconds."""
+        write = self._write
+        conns = list(self._conns.values())
+        start = time.perf_counter()
+        for conn in conns:
+            beat = conn.protocol.heartbeat
+            if beat and conn.fd >= 0:
+                write(conn, beat)
+        elapsed = time.perf_counter() - start
+        self.stats["rounds"] += 1
+        self.stats["last_write_run"] = elapsed
+        log.info("Number of clients connected: %d, time for entire write run: %.6f s",
+                 len(self._conns), elapsed)
+        return elapsed
+
+    # -- 4. drained ------------------------------------------------------------------
+
+    def _flush(self, conn: Connection) -> None:
+        data = conn.outbuf
+        try:
+            sent = _write(conn.fd, data)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(conn, "dropped_closed")
+            return
+        conn.outbuf = data[sent:]
+        if not conn.outbuf:
+            self._epoll.modify(conn.fd, _READ_MASK)
+
+    # -- 5. dropped, 6. closed ----------------------------------------------------------
+
+    def _drop(self, conn: Connection, reason: str | None) -> None:
+        fd = conn.fd
+        if fd < 0:
+            return
+        del self._conns[fd]
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        _close_fd(conn)
+        if reason is not None:
+            self.stats[reason] += 1
+
+
+def _close_fd(conn: Connection) -> None:
+    fd, conn.fd, conn.outbuf = conn.fd, -1, b""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _ignore_sigpipe() -> None:
+    # Writes to a client that reset would raise SIGPIPE and kill the process
+    # unless it is ignored; CPython ignores it at startup, but an embedding
+    # program may not have.
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+_reactor: Reactor | None = None
+_reactor_lock = threading.Lock()
+
+
+def get_reactor() -> Reactor:
+    """This process's reactor, started on first use in the calling gevent hub.
+
+    Call it from the thread that serves requests (a request greenlet, or a
+    worker hook such as gunicorn's ``post_worker_init``). A reactor inherited
+    across ``fork`` is abandoned and a new one started: the reactor always
+    starts after the fork, never before.
+    """
+    global _reactor
+    reactor = _reactor
+    if reactor is not None and reactor.pid == os.getpid() and reactor.running:
+        return reactor
+    with _reactor_lock:
+        if _reactor is not None and _reactor.pid != os.getpid():
+            _abandon(_reactor)
+            _reactor = None
+        if _reactor is None or not _reactor.running:
+            _reactor = Reactor().start()
+        return _reactor
+
+
+def _abandon(reactor: Reactor) -> None:
+    # The parent's connections are the parent's: close only our copy of its epoll fd.
+    try:
+        if reactor._epoll is not None:
+            reactor._epoll.close()
+    except OSError:
+        pass
