@@ -1,0 +1,146 @@
+"""WSGI apps the tests run under real servers (gunicorn, gevent.pywsgi, wsgiref).
+
+Each route exercises one part of the hijack API the way an app would use it.
+``/_stats`` reports the worker's own view (pid, held connections, greenlets,
+fds) so tests can check what the server process holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+
+import gevent
+import greenlet
+from gevent import monkey
+
+from wsgi_hijack import HijackMiddleware, PlainStream, full_hijack, get_reactor, partial_hijack
+from wsgi_hijack.demo import demo_app
+
+BEEP = PlainStream(b"BEEP\n")
+# 64 KiB per beat: a client that stops reading fills its buffers within a few rounds.
+BIG = PlainStream(b"X" * 65535 + b"\n")
+_start_new_thread = monkey.get_original("_thread", "start_new_thread")
+
+
+def _json(start_response, data: dict) -> list[bytes]:
+    body = json.dumps(data).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def stats(environ, start_response):
+    reactor = get_reactor()
+    greenlets = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet))
+    return _json(start_response, {
+        "pid": os.getpid(),
+        "held": len(reactor),
+        "greenlets": greenlets,
+        "fds": len(os.listdir(f"/proc/{os.getpid()}/fd")),
+        "hijackable": environ["wsgi_hijack.hijackable"],
+        **reactor.stats,
+    })
+
+
+def echo_full(environ, start_response):
+    """Full hijack: write our own response, then echo what the client sends."""
+    sock = full_hijack(environ)
+
+    def serve():
+        with sock:
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                         b"Connection: close\r\n\r\n")
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    return
+                sock.sendall(data)
+
+    gevent.spawn(serve)
+    return []
+
+
+def echo_partial(environ, start_response):
+    """Partial hijack: the library writes our head, the callback echoes."""
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Connection", "close"), ("X-Partial", "yes")])
+
+    def serve(sock):
+        def loop():
+            with sock:
+                while True:
+                    data = sock.recv(4096)
+                    if not data:
+                        return
+                    sock.sendall(data)
+        gevent.spawn(loop)
+
+    return partial_hijack(environ, serve)
+
+
+def thread_handover(environ, start_response):
+    """Partial hijack whose socket reaches the reactor from a real OS thread."""
+    reactor = get_reactor()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close")])
+
+    def in_thread(sock):
+        # A real OS thread, not a greenlet: hold() must wake the hub by itself.
+        reactor.hold(sock, BEEP, initial=b"from-thread\n")
+
+    def callback(sock):
+        _start_new_thread(in_thread, (sock,))
+
+    return partial_hijack(environ, callback)
+
+
+def big(environ, start_response):
+    reactor = get_reactor()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close")])
+    return partial_hijack(environ, lambda sock: reactor.hold(sock, BIG))
+
+
+class InnerMiddleware:
+    """An ordinary middleware that wraps start_response and the body."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        environ["PATH_INFO"] = "/"  # mounted under a prefix, as such middleware often is
+
+        def wrapped_start_response(status, headers, exc_info=None):
+            return start_response(status, headers + [("X-Inner", "1")], exc_info)
+
+        body = self.app(environ, wrapped_start_response)
+
+        def wrapped_body():
+            try:
+                yield from body
+            finally:
+                close = getattr(body, "close", None)
+                if close:
+                    close()
+        return wrapped_body()
+
+
+ROUTES = {
+    "/_stats": stats,
+    "/echo-full": echo_full,
+    "/echo-partial": echo_partial,
+    "/thread": thread_handover,
+    "/big": big,
+    "/wrapped": InnerMiddleware(demo_app),
+}
+
+
+def router(environ, start_response):
+    route = ROUTES.get(environ.get("PATH_INFO", "/"))
+    if route is not None:
+        return route(environ, start_response)
+    return demo_app(environ, start_response)
+
+
+app = HijackMiddleware(router)
+

@@ -1,0 +1,133 @@
+"""Fixtures that start real servers on loopback and talk to them with raw sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess on 127.0.0.1:port, with its combined log."""
+
+    def __init__(self, argv: list[str], port: int, env: dict, tmp: Path) -> None:
+        self.port = port
+        self.log_path = tmp / f"server-{port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start:\n{self.log()}") from None
+                time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, dict, bytes]:
+        """A plain HTTP/1.0 GET with Connection: close; returns status, headers, body."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            data = recv_until_closed(s, timeout)
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        return status, headers, body
+
+    def stats(self) -> dict:
+        status, _, body = self.get("/_stats")
+        assert status == 200, body
+        return json.loads(body)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def recv_until_closed(s: socket.socket, timeout: float) -> bytes:
+    s.settimeout(timeout)
+    chunks = []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def server_env(heartbeat: float) -> dict:
+    env = dict(os.environ)
+    env["WSGI_HIJACK_HEARTBEAT"] = str(heartbeat)
+    env["PYTHONPATH"] = str(ROOT)
+    env.pop("GUNICORN_CMD_ARGS", None)
+    return env
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(kind, heartbeat=..., app=..., args=[...]) -> Server; stopped after the test."""
+    servers: list[Server] = []
+
+    def start(kind: str, heartbeat: float = 0.5, app: str = "tests.apps:app",
+              args: tuple[str, ...] = ()) -> Server:
+        port = free_port()
+        env = server_env(heartbeat)
+        if kind == "gunicorn":
+            argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+                    "-b", f"127.0.0.1:{port}", "--no-control-socket", "--workers", "1",
+                    *args, app]
+        elif kind == "gunicorn-plain":  # no config file: `gunicorn -k gevent wsgi_hijack:app`
+            argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-b", f"127.0.0.1:{port}",
+                    "--no-control-socket", *args, app]
+        elif kind == "pywsgi":
+            argv = [sys.executable, str(ROOT / "tests" / "pywsgi_server.py"), str(port)]
+        else:
+            raise ValueError(kind)
+        server = Server(argv, port, env, tmp_path)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(params=["gunicorn", "pywsgi"])
+def server(request, start_server):
+    """The test app under each gevent server, heartbeat 0.5 s."""
+    return start_server(request.param)
+
+
+ERROR_MARKERS = ("Traceback", "[ERROR]", "ERROR:", "Error handling request", " 500 ")
+
+
+def assert_clean_log(server: Server) -> None:
+    log = server.log()
+    for marker in ERROR_MARKERS:
+        assert marker not in log, f"{marker!r} in server log:\n{log}"

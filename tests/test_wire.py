@@ -1,0 +1,140 @@
+"""What goes over the wire after a hijack, under real gunicorn and gevent.pywsgi."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from .conftest import assert_clean_log
+
+DEMO_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: no-cache\r\n"
+             b"Connection: close\r\n\r\n")
+
+
+def connect(server, request: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall(request)
+    return s
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        data = s.recv(n - len(buf))
+        assert data, f"connection closed after {buf!r}"
+        buf += data
+    return buf
+
+
+def recv_for(s: socket.socket, seconds: float) -> bytes:
+    """Everything that arrives within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    buf = b""
+    while (left := deadline - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            data = s.recv(65536)
+        except TimeoutError:
+            break
+        if not data:
+            break
+        buf += data
+    return buf
+
+
+def test_demo_bytes_are_exactly_head_then_beeps(server):
+    s = connect(server, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    with s:
+        data = recv_for(s, 1.8)  # heartbeat 0.5 s: three rounds at least
+    assert data.startswith(DEMO_HEAD), data
+    beeps = data[len(DEMO_HEAD):]
+    assert beeps == b"BEEP\n" * (len(beeps) // 5), beeps
+    assert len(beeps) // 5 >= 2
+    assert b"HTTP/1.1" not in beeps  # no second response
+    time.sleep(0.3)
+    assert_clean_log(server)
+
+
+def test_plain_gunicorn_command_line_works(start_server):
+    # `gunicorn -k gevent wsgi_hijack:app`, no config file at all.
+    server = start_server("gunicorn-plain", app="wsgi_hijack:app", heartbeat=0.3)
+    with connect(server, b"GET / HTTP/1.0\r\n\r\n") as s:
+        data = recv_for(s, 1.0)
+    assert data.startswith(DEMO_HEAD) and data.endswith(b"BEEP\n"), data
+    assert_clean_log(server)
+
+
+def test_demo_routes(server):
+    assert server.get("/nope")[0] == 404
+    with connect(server, b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n") as s:
+        s.settimeout(5)
+        reply = s.recv(4096)
+    assert reply.split(b" ", 2)[1] == b"405", reply
+    assert b"Allow: GET, HEAD" in reply
+    with connect(server, b"HEAD / HTTP/1.0\r\n\r\n") as s:
+        s.settimeout(5)
+        reply = s.recv(4096)
+    assert reply.split(b" ", 2)[1] == b"200" and reply.endswith(b"\r\n\r\n"), reply
+
+
+def test_partial_hijack_through_wrapping_middleware(server):
+    # The inner middleware adds a header via start_response and wraps the body:
+    # the head written must carry its header, and nothing else may follow.
+    with connect(server, b"GET /wrapped HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+        data = recv_for(s, 1.2)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nX-Inner: 1" in head
+    assert rest and rest == b"BEEP\n" * (len(rest) // 5)
+    assert_clean_log(server)
+
+
+def test_full_hijack_gets_bytes_sent_behind_the_head(server):
+    # The client sends the request and more bytes in one segment: the server
+    # reads them with the head, and the hijacked socket must still yield them.
+    with connect(server, b"GET /echo-full HTTP/1.1\r\nHost: x\r\n\r\npipelined-bytes") as s:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+        assert recv_exactly(s, len(head)) == head
+        assert recv_exactly(s, len(b"pipelined-bytes")) == b"pipelined-bytes"
+        s.sendall(b"later")
+        assert recv_exactly(s, 5) == b"later"
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        assert s.recv(100) == b""  # the app closed it, the server wrote nothing else
+    assert_clean_log(server)
+
+
+def test_partial_hijack_gets_bytes_sent_behind_the_head(server):
+    with connect(server, b"GET /echo-partial HTTP/1.1\r\nHost: x\r\n\r\nearly") as s:
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                b"Connection: close\r\nX-Partial: yes\r\n\r\n")
+        assert recv_exactly(s, len(head)) == head
+        assert recv_exactly(s, 5) == b"early"
+        s.sendall(b"more")
+        assert recv_exactly(s, 4) == b"more"
+    assert_clean_log(server)
+
+
+def test_hijack_handed_over_from_an_os_thread(server):
+    with connect(server, b"GET /thread HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+        s.settimeout(5)
+        head = recv_exactly(s, len(b"HTTP/1.1 200 OK\r\n"))
+        assert head == b"HTTP/1.1 200 OK\r\n"
+        started = time.monotonic()
+        data = b""
+        while b"from-thread\n" not in data:
+            data += s.recv(4096)
+        # Prompt: it arrives by waking the hub, well before the next heartbeat.
+        assert time.monotonic() - started < 0.45, "thread handover waited for a heartbeat"
+        data += recv_for(s, 1.2)
+        assert data.endswith(b"BEEP\n"), data
+    assert_clean_log(server)
+
+
+def test_pipelined_second_request_is_not_answered_by_the_server(server):
+    # A keep-alive server would parse this as a second request and answer it.
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(server, req + req) as s:
+        data = recv_for(s, 1.2)
+    assert data.count(b"HTTP/1.1") == 1, data
+    assert_clean_log(server)
