@@ -19,8 +19,9 @@ from wsgi_hijack import HijackMiddleware, PlainStream, full_hijack, get_reactor,
 from wsgi_hijack.demo import demo_app
 
 BEEP = PlainStream(b"BEEP\n")
-# 64 KiB per beat: a client that stops reading fills its buffers within a few rounds.
-BIG = PlainStream(b"X" * 65535 + b"\n")
+# 1 MiB per beat: a client that stops reading fills the kernel buffers (4 MiB
+# at most here) and its outbuf within a few rounds.
+BIG = PlainStream(b"X" * ((1 << 20) - 1) + b"\n")
 _start_new_thread = monkey.get_original("_thread", "start_new_thread")
 
 
