@@ -93,7 +93,8 @@ def test_full_hijack_gets_bytes_sent_behind_the_head(server):
     # The client sends the request and more bytes in one segment: the server
     # reads them with the head, and the hijacked socket must still yield them.
     with connect(server, b"GET /echo-full HTTP/1.1\r\nHost: x\r\n\r\npipelined-bytes") as s:
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                b"Connection: close\r\n\r\n")
         assert recv_exactly(s, len(head)) == head
         assert recv_exactly(s, len(b"pipelined-bytes")) == b"pipelined-bytes"
         s.sendall(b"later")

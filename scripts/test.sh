@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh machine, then run them.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+python3 -m ruff check .
+# pytest exits 5 when no test ran; set -e turns that into a failure too.
+python3 -m pytest "$@"
