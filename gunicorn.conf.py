@@ -35,14 +35,15 @@ def on_starting(server):
 def post_worker_init(worker):
     # Start the reactor after the fork, in the worker's gevent hub, so that
     # heartbeats run even before the first hijack.
+    from wsgi_hijack import config
     from wsgi_hijack.reactor import get_reactor
 
     logger = logging.getLogger("wsgi_hijack")
-    if not logger.handlers:
+    if not logger.handlers:  # log where gunicorn logs
         for handler in logging.getLogger("gunicorn.error").handlers:
             logger.addHandler(handler)
-        logger.setLevel(os.environ.get("WSGI_HIJACK_LOG_LEVEL", "INFO").upper())
         logger.propagate = False
+    logger.setLevel(config.log_level())
     get_reactor()
 
 

@@ -31,3 +31,13 @@ def max_buffer() -> int:
     a client that stopped reading: ``WSGI_HIJACK_MAX_BUFFER``, default 64 KiB.
     This is on top of what the kernel's socket send buffer already holds."""
     return int(_positive("WSGI_HIJACK_MAX_BUFFER", DEFAULT_MAX_BUFFER, int))
+
+
+def log_level() -> str:
+    """Level of the ``wsgi_hijack`` loggers: ``WSGI_HIJACK_LOG_LEVEL``, default INFO
+    (each heartbeat round is logged at INFO, as the seed printed it)."""
+    level = os.environ.get("WSGI_HIJACK_LOG_LEVEL", "INFO").strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"WSGI_HIJACK_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING, "
+                         "ERROR or CRITICAL")
+    return level

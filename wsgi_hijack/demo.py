@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from . import config
 from .hijack import HijackMiddleware, partial_hijack
 from .protocols.plain import HEAD_HEADERS, PlainStream
 from .reactor import get_reactor
@@ -59,7 +60,7 @@ def _default_logging() -> None:
         handler.setFormatter(
             logging.Formatter("[%(asctime)s] [%(process)d] [%(name)s] %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    logger.setLevel(config.log_level())
 
 
 _default_logging()
