@@ -45,21 +45,19 @@ def stats(environ, start_response):
     })
 
 
+def _echo(sock) -> None:
+    with sock:
+        while data := sock.recv(4096):
+            sock.sendall(data)
+
+
 def echo_full(environ, start_response):
     """Full hijack: write our own response, then echo what the client sends."""
     sock = full_hijack(environ)
 
-    def serve():
-        with sock:
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                         b"Connection: close\r\n\r\n")
-            while True:
-                data = sock.recv(4096)
-                if not data:
-                    return
-                sock.sendall(data)
-
-    gevent.spawn(serve)
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                 b"Connection: close\r\n\r\n")
+    gevent.spawn(_echo, sock)
     return []
 
 
@@ -68,17 +66,7 @@ def echo_partial(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/octet-stream"),
                               ("Connection", "close"), ("X-Partial", "yes")])
 
-    def serve(sock):
-        def loop():
-            with sock:
-                while True:
-                    data = sock.recv(4096)
-                    if not data:
-                        return
-                    sock.sendall(data)
-        gevent.spawn(loop)
-
-    return partial_hijack(environ, serve)
+    return partial_hijack(environ, lambda sock: gevent.spawn(_echo, sock))
 
 
 def thread_handover(environ, start_response):

@@ -100,7 +100,7 @@ def start_server(tmp_path):
         env = server_env(heartbeat)
         if kind == "gunicorn":
             argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-                    "-b", f"127.0.0.1:{port}", "--no-control-socket", "--workers", "1",
+                    "-b", f"127.0.0.1:{port}", "--no-control-socket",
                     *args, app]
         elif kind == "gunicorn-plain":  # no config file: `gunicorn -k gevent wsgi_hijack:app`
             argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-b", f"127.0.0.1:{port}",

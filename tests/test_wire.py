@@ -139,3 +139,24 @@ def test_pipelined_second_request_is_not_answered_by_the_server(server):
         data = recv_for(s, 1.2)
     assert data.count(b"HTTP/1.1") == 1, data
     assert_clean_log(server)
+
+
+def test_reactor_starts_in_each_worker_after_fork(start_server):
+    # --preload imports the app in the master before forking two workers: each
+    # worker must still get its own running reactor (started after the fork).
+    server = start_server("gunicorn", heartbeat=0.3, args=("--preload", "--workers", "2"))
+    pids = set()
+    for _ in range(40):
+        pids.add(server.stats()["pid"])
+        if len(pids) == 2:
+            break
+    socks = [connect(server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(20)]
+    for s in socks:
+        with s:
+            data = recv_for(s, 0.8)
+            assert data.startswith(DEMO_HEAD) and data.endswith(b"BEEP\n"), data
+    log = server.log()
+    workers = {line.split("] [")[1] for line in log.splitlines()
+               if "Number of clients connected" in line}
+    assert len(workers) == 2, log
+    assert_clean_log(server)
