@@ -1,0 +1,425 @@
+"""The benchmark: this project against the greenlet baseline and the floor, in one run.
+
+    python benchmarks/run.py                      # N = 1,000 .. 19,900, ~10 minutes
+    python benchmarks/run.py --soak 600           # plus a 10-minute soak at the largest N
+    python benchmarks/run.py --ns 200,400 --out /tmp/bench   # a quick small run
+
+For every N it starts, one after the other, on a free port:
+
+``hijack``
+    this project's demo: ``gunicorn -c gunicorn.conf.py wsgi_hijack:app``;
+``greenlet``
+    the baseline (``benchmarks/greenlet_baseline.py``): gunicorn's gevent
+    worker, one greenlet per streaming response;
+``floor``
+    ``benchmarks/floor.c``, compiled now into a temp dir: one epoll thread and
+    a bare non-blocking ``send()`` loop;
+``floor-threads`` (``--threads K``)
+    the same floor, each round's sends spread over K OS threads.
+
+and holds N connections with :mod:`wsgi_hijack.loadclient`, measuring the
+server worker's RSS, fds and CPU from ``/proc``. The heartbeat-round time is
+what each server logs for its write run. Then, at the largest N, a reconnect
+storm (every connection at once, no pacing) for ``hijack`` and ``greenlet``.
+
+Writes ``results.json``, ``results.md`` and PNG plots into ``--out``
+(default ``benchmarks/results``). Every target is stated as a ratio against
+the baseline or floor of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from wsgi_hijack import loadclient
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+ROUND_RE = re.compile(rb"Number of clients connected: (\d+), time for entire write run: "
+                      rb"([0-9.]+) s")
+DEFAULT_NS = [1000, 2500, 5000, 10000, 15000, 19900]
+# Targets from issue 3.
+TARGET_RSS_BYTES = 700
+TARGET_CPU_VS_FLOOR = 1.15
+TARGET_ROUND_VS_FLOOR = 1.15
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def build_floor(workdir: Path) -> Path:
+    exe = workdir / "floor"
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("the floor needs a C compiler (gcc)")
+    subprocess.run([cc, "-O2", "-o", str(exe), str(HERE / "floor.c"), "-lpthread"], check=True)
+    return exe
+
+
+class Server:
+    """One server under test: started, its worker pid found, its log read, stopped."""
+
+    def __init__(self, kind: str, heartbeat: float, workdir: Path, floor_exe: Path | None,
+                 threads: int = 1) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.log_path = workdir / f"{kind}-{self.port}.log"
+        env = dict(os.environ, WSGI_HIJACK_HEARTBEAT=str(heartbeat), PYTHONUNBUFFERED="1")
+        bind = f"127.0.0.1:{self.port}"
+        if kind == "hijack":
+            cmd = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
+                   "-b", bind, "--no-control-socket", "wsgi_hijack:app"]
+        elif kind == "greenlet":
+            cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "--worker-connections",
+                   "25000", "--backlog", "4096", "--no-control-socket", "--pythonpath",
+                   str(HERE), "-b", bind, "greenlet_baseline:app"]
+        elif kind.startswith("floor"):
+            assert floor_exe is not None
+            cmd = [str(floor_exe), str(self.port), str(heartbeat), str(threads)]
+        else:
+            raise ValueError(kind)
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, preexec_fn=_raise_nofile)
+        self.url = f"http://{bind}/"
+        self.pid = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited: {self.log_path.read_text()[-2000:]}")
+            pid = self.proc.pid
+            if not self.kind.startswith("floor"):
+                kids = loadclient.children(self.proc.pid)
+                pid = kids[0] if kids else None
+            if pid is not None:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                        return pid
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.kind} did not start: {self.log_path.read_text()[-2000:]}")
+
+    def rounds(self, n: int) -> list[float]:
+        """Write-run seconds of the rounds logged with exactly ``n`` connections."""
+        return [float(t) for c, t in ROUND_RE.findall(self.log_path.read_bytes()) if int(c) == n]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def measure(kind: str, n: int, args, workdir: Path, floor_exe: Path | None,
+            storm: bool = False, duration: float | None = None,
+            sample_interval: float = 0.0) -> dict:
+    threads = args.threads if kind == "floor-threads" else 1
+    server = Server(kind, args.heartbeat, workdir, floor_exe, threads)
+    try:
+        # Warm up (imports, first-request paths), then let those clients go.
+        loadclient.run(server.url, 20, duration=0, progress=0)
+        time.sleep(min(1.0, args.heartbeat))
+        if duration is None:
+            rounds = max(args.min_rounds, min(30, math.ceil(args.messages / n)))
+            duration = rounds * args.heartbeat
+        window = n if storm else args.window
+        print(f"== {kind} N={n}{' storm' if storm else ''}: {server.url} worker {server.pid}, "
+              f"hold {duration:g} s", file=sys.stderr, flush=True)
+        report = loadclient.run(server.url, n, duration=duration, server_pids=[server.pid],
+                                window=window, progress=args.progress,
+                                sample_interval=sample_interval)
+        rounds_logged = server.rounds(report["connections"]["held"])
+    finally:
+        server.stop()
+    srv = report["server"][0] if report["server"] else {}
+    round_s = statistics.median(rounds_logged) if rounds_logged else None
+    msgs = report["hold"]["messages_per_connection"]
+    return {
+        "server": kind, "n": n, "storm": storm, "threads": threads,
+        "heartbeat": args.heartbeat, "hold_s": duration,
+        "expected_messages": round(duration / args.heartbeat),
+        "held": report["connections"]["held"], "dropped": report["connections"]["dropped"],
+        "failed": report["connections"]["failed"], "retries": report["connections"]["retries"],
+        "messages_min": msgs["min"], "messages_median": msgs["median"],
+        "messages_max": msgs["max"],
+        "time_to_all_heads_s": report["time_to_all_heads"],
+        "rss_per_connection": srv.get("rss_per_connection"),
+        "rss_before": srv.get("rss_before"), "rss_end": srv.get("rss_end"),
+        "fds_held": srv.get("fds_held"),
+        "cpu_per_message_us": srv.get("cpu_per_message_us"),
+        "cpu_per_connection_us": srv.get("cpu_per_connection_us"),
+        "round_s": round_s, "rounds_logged": len(rounds_logged),
+        "per_send_us": round_s / n * 1e6 if round_s else None,
+        "report": report,
+    }
+
+
+# -- results -------------------------------------------------------------------------------
+
+def _f(v, fmt="{:.2f}", none="-"):
+    return none if v is None else fmt.format(v)
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def find(results, kind, n, storm=False):
+    for r in results:
+        if r["server"] == kind and r["n"] == n and r["storm"] == storm:
+            return r
+    return None
+
+
+def targets(results: list[dict], n: int) -> list[tuple[str, str, str, bool | None]]:
+    h, g, fl = find(results, "hijack", n), find(results, "greenlet", n), find(results, "floor", n)
+    ft = find(results, "floor-threads", n)
+    hs, gs = find(results, "hijack", n, True), find(results, "greenlet", n, True)
+    rows = []
+    if h:
+        every = (h["held"] == n and h["dropped"] == 0 and h["messages_min"] is not None
+                 and h["messages_min"] >= h["expected_messages"] - 1
+                 and h["messages_min"] == h["messages_max"])
+        rows.append((f"holds {n:,}, every one every heartbeat, none dropped",
+                     f"held {h['held']:,}, dropped {h['dropped']}, heartbeats per connection "
+                     f"min/median/max {h['messages_min']}/{h['messages_median']}/"
+                     f"{h['messages_max']} (window of {h['expected_messages']} rounds)",
+                     "-", every))
+        rss = h["rss_per_connection"]
+        rows.append(("server RSS per held connection <= 700 B", f"{_f(rss, '{:.0f}')} B",
+                     f"{_f(_ratio(rss, g and g['rss_per_connection']), '{:.3f}')} x greenlet",
+                     None if rss is None else rss <= TARGET_RSS_BYTES))
+    if h and fl:
+        cr = _ratio(h["cpu_per_message_us"], fl["cpu_per_message_us"])
+        rows.append(("CPU per delivered heartbeat <= 1.15 x floor",
+                     f"{_f(h['cpu_per_message_us'])} us (floor {_f(fl['cpu_per_message_us'])} "
+                     f"us, greenlet {_f(g and g['cpu_per_message_us'])} us)",
+                     f"{_f(cr, '{:.2f}')} x floor", None if cr is None
+                     else cr <= TARGET_CPU_VS_FLOOR))
+        rr = _ratio(h["round_s"], fl["round_s"])
+        rows.append(("heartbeat write run <= 1.15 x floor",
+                     f"{_f(h['round_s'] and h['round_s'] * 1e3)} ms (floor "
+                     f"{_f(fl['round_s'] and fl['round_s'] * 1e3)} ms, greenlet "
+                     f"{_f(g and g['round_s'] and g['round_s'] * 1e3)} ms)",
+                     f"{_f(rr, '{:.2f}')} x floor",
+                     None if rr is None else rr <= TARGET_ROUND_VS_FLOOR))
+        if ft:
+            tr = _ratio(ft["round_s"], fl["round_s"])
+            rows.append((f"floor with sends spread over {ft['threads']} OS threads",
+                         f"{_f(ft['round_s'] and ft['round_s'] * 1e3)} ms",
+                         f"{_f(tr, '{:.2f}')} x single-thread floor", None))
+    if hs and gs:
+        sr = _ratio(hs["time_to_all_heads_s"], gs["time_to_all_heads_s"])
+        cr = _ratio(hs["cpu_per_connection_us"], gs["cpu_per_connection_us"])
+        rows.append((f"reconnect storm, {n:,} at once: all hijacked no slower than greenlet",
+                     f"{_f(hs['time_to_all_heads_s'])} s vs {_f(gs['time_to_all_heads_s'])} s; "
+                     f"server CPU {_f(hs['cpu_per_connection_us'], '{:.0f}')} vs "
+                     f"{_f(gs['cpu_per_connection_us'], '{:.0f}')} us per connection",
+                     f"{_f(sr)} x greenlet (CPU {_f(cr)} x)",
+                     None if sr is None else sr <= 1.0))
+    return rows
+
+
+def write_markdown(path: Path, results: list[dict], meta: dict, soak: dict | None) -> None:
+    ns = sorted({r["n"] for r in results if not r["storm"]})
+    top = max(ns)
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run {meta['date']} on {meta['machine']}; heartbeat {meta['heartbeat']:g} s; "
+        f"`{meta['command']}`.",
+        "Every figure comes from this one run; ratios are against the baseline or floor "
+        "measured in it.",
+        "",
+        f"## Targets at N = {top:,}",
+        "",
+        "| target | measured | ratio | met |",
+        "|---|---|---|---|",
+    ]
+    for name, measured, ratio, ok in targets(results, top):
+        lines.append(f"| {name} | {measured} | {ratio} | "
+                     f"{'-' if ok is None else ('yes' if ok else '**no**')} |")
+    if soak:
+        lines += ["", f"## Soak: hijack, {soak['n']:,} connections for {soak['hold_s']:g} s", "",
+                  soak["summary"]]
+    lines += [
+        "",
+        "## All runs",
+        "",
+        "| server | N | held | dropped | heartbeats/conn min/med/max | all heads (s) | "
+        "RSS/conn (B) | fds | CPU/heartbeat (us) | CPU/connect (us) | write run (ms) | "
+        "per send (us) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (r["storm"], r["n"], r["server"])):
+        name = r["server"] + (" (storm)" if r["storm"] else "")
+        lines.append(
+            f"| {name} | {r['n']:,} | {r['held']:,} | {r['dropped']} | "
+            f"{r['messages_min']}/{r['messages_median']}/{r['messages_max']} | "
+            f"{_f(r['time_to_all_heads_s'])} | {_f(r['rss_per_connection'], '{:.0f}')} | "
+            f"{r['fds_held']} | {_f(r['cpu_per_message_us'])} | "
+            f"{_f(r['cpu_per_connection_us'], '{:.0f}')} | "
+            f"{_f(r['round_s'] and r['round_s'] * 1e3)} | {_f(r['per_send_us'])} |")
+    lines += ["", "![server RSS per connection](rss_per_connection.png)",
+              "![heartbeat write run](heartbeat_round.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(out: Path, results: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("hijack", "greenlet", "floor", "floor-threads")
+             if any(r["server"] == k for r in results)]
+    paths = []
+    for key, fname, ylabel, scale in (
+        ("rss_per_connection", "rss_per_connection.png", "server RSS per connection (bytes)", 1),
+        ("round_s", "heartbeat_round.png", "heartbeat write run (ms)", 1e3),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        for kind in kinds:
+            pts = sorted((r["n"], r[key] * scale) for r in results
+                         if r["server"] == kind and not r["storm"] and r[key] is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+        if key == "rss_per_connection":
+            ax.axhline(TARGET_RSS_BYTES, color="grey", linestyle="--", linewidth=1,
+                       label="target 700 B")
+        ax.set_xlabel("held connections (N)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_soak(out: Path, soak: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = soak["report"]["server"][0].get("timeline", [])
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot([p["t"] for p in tl], [p["rss"] / 2**20 for p in tl], label="RSS (MiB)")
+    ax.set_xlabel("seconds holding")
+    ax.set_ylabel("server RSS (MiB)")
+    ax2 = ax.twinx()
+    ax2.plot([p["t"] for p in tl], [p["fds"] for p in tl], color="tab:orange", label="fds")
+    ax2.set_ylabel("server fds")
+    ax.set_ylim(bottom=0)
+    ax2.set_ylim(bottom=0)
+    fig.legend(loc="lower right")
+    fig.tight_layout()
+    path = out / "soak.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ns", default=",".join(map(str, DEFAULT_NS)),
+                    help="comma-separated connection counts")
+    ap.add_argument("--servers", default="hijack,greenlet,floor")
+    ap.add_argument("--heartbeat", type=float, default=1.0)
+    ap.add_argument("--min-rounds", type=int, default=5)
+    ap.add_argument("--messages", type=int, default=60000,
+                    help="hold long enough for about this many heartbeats in all (max 30 rounds)")
+    ap.add_argument("--window", type=int, default=1000,
+                    help="paced connects: at most this many awaiting their head at once")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="also run the floor with each round spread over K OS threads")
+    ap.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
+    ap.add_argument("--soak", type=float, default=0.0,
+                    help="hold the largest N on hijack this many seconds (600 = 10 minutes)")
+    ap.add_argument("--progress", type=float, default=5.0)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    ns = [int(x) for x in args.ns.split(",") if x]
+    kinds = [k for k in args.servers.split(",") if k]
+    if args.threads > 1 and "floor-threads" not in kinds:
+        kinds.append("floor-threads")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    soak = None
+    with tempfile.TemporaryDirectory(prefix="wsgi-hijack-bench-") as tmp:
+        workdir = Path(tmp)
+        floor_exe = build_floor(workdir) if any(k.startswith("floor") for k in kinds) else None
+        for n in ns:
+            for kind in kinds:
+                results.append(measure(kind, n, args, workdir, floor_exe))
+        top = max(ns)
+        if not args.no_storm:
+            for kind in ("hijack", "greenlet"):
+                if kind in kinds:
+                    results.append(measure(kind, top, args, workdir, floor_exe, storm=True,
+                                           duration=args.heartbeat * 2))
+        if args.soak:
+            soak = measure("hijack", top, args, workdir, floor_exe, duration=args.soak,
+                           sample_interval=max(1.0, args.soak / 60))
+            s = soak["report"]["server"][0].get("soak", {})
+            soak["summary"] = (
+                f"held {soak['held']:,}, dropped {soak['dropped']}, heartbeats per connection "
+                f"min/median/max {soak['messages_min']}/{soak['messages_median']}/"
+                f"{soak['messages_max']} of {soak['expected_messages']}; RSS "
+                f"{s.get('rss_min', 0) / 2**20:.1f}..{s.get('rss_max', 0) / 2**20:.1f} MiB "
+                f"(growth {s.get('rss_growth', 0) / 1024:.0f} KiB over the soak), fds "
+                f"{s.get('fds_min')}..{s.get('fds_max')}.\n\n![soak](soak.png)")
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+                       f"{platform.python_version()}, RLIMIT_NOFILE "
+                       f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]}",
+            "heartbeat": args.heartbeat,
+            "command": "python benchmarks/run.py " + " ".join(argv if argv is not None
+                                                              else sys.argv[1:])}
+    (out / "results.json").write_text(json.dumps(
+        {"meta": meta, "results": results, "soak": soak}, indent=1))
+    write_markdown(out / "results.md", results, meta, soak)
+    plot(out, results)
+    if soak:
+        plot_soak(out, soak)
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
