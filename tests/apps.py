@@ -114,7 +114,23 @@ class InnerMiddleware:
         return wrapped_body()
 
 
+def partial_without_head(environ, start_response):
+    """A partial hijack that never calls start_response: an app bug."""
+    return partial_hijack(environ, lambda sock: sock.close())
+
+
+def framework_style(environ, start_response):
+    """Register the partial hijack first; start_response comes when the
+    'framework' turns the view's return value into a response."""
+    reactor = get_reactor()
+    partial_hijack(environ, lambda sock: reactor.hold(sock, BEEP))
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close")])
+    return [b"this body is never sent"]
+
+
 ROUTES = {
+    "/no-head": partial_without_head,
+    "/framework": framework_style,
     "/_stats": stats,
     "/echo-full": echo_full,
     "/echo-partial": echo_partial,

@@ -160,3 +160,22 @@ def test_reactor_starts_in_each_worker_after_fork(start_server):
                if "Number of clients connected" in line}
     assert len(workers) == 2, log
     assert_clean_log(server)
+
+
+def test_partial_hijack_registered_before_start_response(server):
+    with connect(server, b"GET /framework HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+        data = recv_for(s, 1.2)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                           b"Connection: close\r\n\r\nBEEP\n"), data
+    assert b"never sent" not in data
+
+
+def test_partial_hijack_without_a_head_is_a_clear_500(server):
+    # The app's bug surfaces as the server's own 500 with our message in its
+    # log; the connection was never taken, so the server can still answer.
+    with connect(server, b"GET /no-head HTTP/1.0\r\n\r\n") as s:
+        s.settimeout(5)
+        data = s.recv(4096)
+    assert data.split(b" ", 2)[1] == b"500", data
+    time.sleep(0.2)
+    assert "partial hijack without start_response" in server.log()

@@ -10,9 +10,11 @@ connection can be taken, and puts three keys in the environ:
     Full hijack: call it, get a :class:`HijackedSocket`, own the connection.
     The server writes nothing more to it and closes nothing.
 ``wsgi_hijack.partial_hijack``
-    Partial hijack: the app calls ``start_response`` as usual, then returns
-    ``environ["wsgi_hijack.partial_hijack"](callback)``. The library writes the
-    status line and headers once, then calls ``callback(sock)``.
+    Partial hijack: the app calls ``environ["wsgi_hijack.partial_hijack"](callback)``
+    and gives status and headers through ``start_response`` as usual (before
+    or after; a framework calls it when the view returns). When the app
+    returns, the library writes the status line and headers once, then calls
+    ``callback(sock)``. The body the app returns is closed, never sent.
 
 The middleware must be the outermost layer the server calls (that is the one
 line a legacy app changes), because it alone decides what the server sees
@@ -174,8 +176,8 @@ class _Request:
     def partial_hijack(self, callback: Callable[[HijackedSocket], None]) -> list[bytes]:
         if self.server is None:
             raise HijackError("this server cannot hijack; check environ['wsgi_hijack.hijackable']")
-        if self.status is None:
-            raise HijackError("call start_response(status, headers) before partial_hijack()")
+        if self.forwarded:
+            raise HijackError("partial_hijack() must be called before the app returns")
         if self.hijacked:
             raise HijackError("the connection was already hijacked")
         if not callable(callback):
@@ -207,7 +209,12 @@ class HijackMiddleware:
         _close_quietly(result)
         assert server is not None
         if request.partial_callback is not None:
-            head = encode_head(request.status or "", request.headers or [])
+            # start_response may come before or after partial_hijack() (a
+            # framework calls it when the view returns), but it must come.
+            if request.status is None:
+                raise HijackError("partial hijack without start_response(status, headers): "
+                                  "there is no head to write")
+            head = encode_head(request.status, request.headers or [])
             sock = HijackedSocket(*server.take())
             try:
                 sock.sendall(head)
