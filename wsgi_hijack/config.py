@@ -41,3 +41,31 @@ def log_level() -> str:
         raise ValueError(f"WSGI_HIJACK_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING, "
                          "ERROR or CRITICAL")
     return level
+
+
+def history_size() -> int:
+    """Messages kept per channel for replay: ``WSGI_HIJACK_HISTORY_SIZE``, default 1000."""
+    return int(_positive("WSGI_HIJACK_HISTORY_SIZE", 1000, int))
+
+
+def history_age() -> float:
+    """Seconds a message stays in the replay history: ``WSGI_HIJACK_HISTORY_AGE``,
+    default 3600."""
+    return _positive("WSGI_HIJACK_HISTORY_AGE", 3600.0)
+
+
+def max_message() -> int:
+    """Largest message, in UTF-8 bytes: ``WSGI_HIJACK_MAX_MESSAGE``, default 64 KiB."""
+    return int(_positive("WSGI_HIJACK_MAX_MESSAGE", 64 * 1024, int))
+
+
+def poll_timeout() -> float:
+    """Seconds a long-poll is held before it answers with no messages:
+    ``WSGI_HIJACK_POLL_TIMEOUT``, default 25 (under common proxies' 30 s)."""
+    return _positive("WSGI_HIJACK_POLL_TIMEOUT", 25.0)
+
+
+def sse_retry_ms() -> int:
+    """The SSE ``retry`` hint sent to each new stream, in milliseconds:
+    ``WSGI_HIJACK_SSE_RETRY``, default 2000."""
+    return int(_positive("WSGI_HIJACK_SSE_RETRY", 2000, int))

@@ -1,7 +1,8 @@
 """A held connection: the smallest record the reactor needs per client.
 
 No socket object, no greenlet, no watcher: an fd number, the protocol it
-speaks, and bytes still waiting to be sent. With ``__slots__`` this is about
+speaks, bytes still waiting to be sent, the channels it listens to, and
+whether it is closing. With ``__slots__`` this is about
 80 bytes of Python heap, so memory per held connection is dominated by the
 reactor's dict entry and the kernel, not by Python objects.
 """
@@ -12,7 +13,7 @@ from .protocols.base import Protocol
 
 
 class Connection:
-    __slots__ = ("fd", "protocol", "outbuf", "__weakref__")
+    __slots__ = ("fd", "protocol", "outbuf", "channels", "closing", "__weakref__")
 
     def __init__(self, fd: int, protocol: Protocol) -> None:
         #: The client's socket fd, owned by the reactor; -1 once closed.
@@ -20,6 +21,10 @@ class Connection:
         self.protocol = protocol
         #: Bytes the kernel would not take yet (b"" when none).
         self.outbuf = b""
+        #: Channels it is subscribed to (set by the reactor when stored).
+        self.channels: tuple[str, ...] = ()
+        #: Its response is complete: close it once outbuf is flushed.
+        self.closing = False
 
     @property
     def closed(self) -> bool:

@@ -9,9 +9,17 @@ The life of a held connection, all in this file:
 2. **stored** -- :meth:`Reactor._adopt` moves it into ``self._conns`` (fd ->
    Connection) and registers the fd in one ``epoll`` set that the hub watches
    through a single io watcher. No greenlet and no watcher per connection.
+   It gets what it missed on its channels (replay after its last id, up to
+   the last message delivered), then is subscribed: from then on it gets
+   every message, none twice.
 3. **written** -- :meth:`Reactor._write` sends with one non-blocking
    ``write``; what the kernel does not take waits in ``conn.outbuf`` and the fd
-   is armed for ``EPOLLOUT``.
+   is armed for ``EPOLLOUT``. Heartbeats are written each round; published
+   messages arrive through :meth:`Reactor.dispatch` (any thread) and
+   :meth:`Reactor._deliver` writes each one's frame, made once per protocol,
+   to every subscriber; several waiting messages leave in one write. A
+   one-shot protocol (long-poll) is complete after one delivery, or when its
+   deadline passes (:meth:`Reactor._expire`), and then closes.
 4. **drained** -- :meth:`Reactor._flush` runs when the fd is writable and
    disarms ``EPOLLOUT`` once ``outbuf`` is empty.
 5. **dropped** -- :meth:`Reactor._drop`: the client closed (EOF, reset, hangup,
@@ -28,6 +36,8 @@ on a client fd is non-blocking, and errors are caught per connection.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import select as _select_module
@@ -43,7 +53,7 @@ from gevent import monkey
 
 from . import config
 from .connection import Connection
-from .protocols.base import Protocol, ProtocolError
+from .protocols.base import Protocol, ProtocolError, framed
 
 log = logging.getLogger("wsgi_hijack.reactor")
 
@@ -75,7 +85,15 @@ class Reactor:
             raise ValueError("heartbeat and max_buffer must be positive")
         self.pid = os.getpid()
         self._conns: dict[int, Connection] = {}
-        self._inbox: deque[tuple[Connection, bytes]] = deque()
+        self._inbox: deque[tuple[Connection, bytes, int | None, float | None]] = deque()
+        self._outbox: deque[Any] = deque()  # published messages, in id order
+        self._subscribers: dict[str, set[Connection]] = {}
+        self._deadlines: list[tuple[float, int, Connection]] = []
+        self._deadline_seq = itertools.count()
+        #: The bus whose history serves replays; set at start() if not given.
+        self.bus: Any = None
+        #: Id of the last message delivered to subscribers.
+        self.delivered_upto = 0
         self._epoll: Any = None
         self._greenlet: gevent.Greenlet | None = None
         self._running = False
@@ -84,6 +102,9 @@ class Reactor:
             "dropped_closed": 0,  # client went away (EOF, reset, write error)
             "dropped_slow": 0,  # client stopped reading; outbuf passed max_buffer
             "dropped_protocol": 0,  # client sent what its protocol refuses
+            "completed": 0,  # one-shot responses written and closed
+            "messages": 0,  # messages delivered (each to all its subscribers)
+            "deliveries": 0,  # frames written to subscribers
             "rounds": 0,
             "last_write_run": 0.0,
         }
@@ -95,6 +116,13 @@ class Reactor:
         if self._running:
             return self
         _ignore_sigpipe()
+        if self.bus is None:
+            from .bus import get_bus
+
+            self.bus = get_bus()
+        # Anything published before now had no subscriber here, but stays
+        # replayable: count it as delivered.
+        self.delivered_upto = self.bus.last_id()
         hub = gevent.get_hub()
         self._hub_thread = threading.get_ident()
         self._epoll = _epoll()
@@ -134,11 +162,17 @@ class Reactor:
 
     # -- 1. handed over ---------------------------------------------------------
 
-    def hold(self, sock: Any, protocol: Protocol, initial: bytes = b"") -> Connection:
+    def hold(self, sock: Any, protocol: Protocol, initial: bytes = b"",
+             channels: tuple[str, ...] | list[str] = (), last_id: int | None = None,
+             timeout: float | None = None) -> Connection:
         """Take ``sock`` (a socket, or a HijackedSocket) and hold it; thread-safe.
 
         The socket object is detached: its fd now belongs to the reactor.
-        ``initial`` bytes are written first, before any heartbeat.
+        ``initial`` bytes are written first, before any heartbeat. The
+        connection is subscribed to ``channels``; with ``last_id`` it first
+        gets what it missed after that id. ``timeout`` (seconds) is for
+        one-shot protocols: when it passes, ``protocol.timeout()`` is written
+        and the connection closed.
         """
         if not self._running:
             raise RuntimeError("reactor is not running; get it with wsgi_hijack.get_reactor()")
@@ -150,7 +184,8 @@ class Reactor:
         os.set_blocking(fd, False)
         conn = Connection(fd, protocol)
         conn.outbuf = initial
-        self._inbox.append((conn, pending))
+        conn.channels = tuple(channels)
+        self._inbox.append((conn, pending, last_id, timeout))
         self._async.send()  # wakes the hub, from this thread or any other
         return conn
 
@@ -162,12 +197,17 @@ class Reactor:
     def _run(self) -> None:
         next_beat = time.monotonic() + self.heartbeat_interval
         while self._running:
-            self._wake.wait(max(0.0, next_beat - time.monotonic()))
+            wake_at = next_beat
+            if self._deadlines and self._deadlines[0][0] < wake_at:
+                wake_at = self._deadlines[0][0]
+            self._wake.wait(max(0.0, wake_at - time.monotonic()))
             self._wake.clear()
             if not self._running:
                 break
             self._guarded(self._adopt)
+            self._guarded(self._deliver)
             self._guarded(self._poll)
+            self._guarded(self._expire)
             now = time.monotonic()
             if now >= next_beat:
                 self._guarded(self.heartbeat_round)
@@ -185,7 +225,7 @@ class Reactor:
     def _adopt(self) -> None:
         inbox = self._inbox
         while inbox:
-            conn, pending = inbox.popleft()
+            conn, pending, last_id, timeout = inbox.popleft()
             try:
                 self._epoll.register(conn.fd, _READ_MASK)
             except OSError as exc:
@@ -199,6 +239,104 @@ class Reactor:
                 self._write(conn, initial)
             if pending and conn.fd >= 0:
                 self._received(conn, pending)
+            if conn.fd >= 0 and conn.channels:
+                self._subscribe(conn, last_id, timeout)
+
+    def _subscribe(self, conn: Connection, last_id: int | None, timeout: float | None) -> None:
+        # Replay up to the last delivered message, then subscribe: messages
+        # after it are still in the outbox and reach the connection through
+        # _deliver, so it gets each exactly once.
+        replay = self.bus.replay(conn.channels, last_id, upto=self.delivered_upto)
+        opening = conn.protocol.opening(replay)
+        if opening:
+            self._write(conn, opening)
+            if conn.protocol.one_shot:
+                self._finish(conn)
+                return
+        if conn.fd < 0:
+            return
+        for channel in conn.channels:
+            subscribers = self._subscribers.get(channel)
+            if subscribers is None:
+                subscribers = self._subscribers[channel] = set()
+            subscribers.add(conn)
+        if timeout is not None:
+            heapq.heappush(self._deadlines,
+                           (time.monotonic() + timeout, next(self._deadline_seq), conn))
+
+    def _unsubscribe(self, conn: Connection) -> None:
+        for channel in conn.channels:
+            subscribers = self._subscribers.get(channel)
+            if subscribers is not None:
+                subscribers.discard(conn)
+                if not subscribers:
+                    del self._subscribers[channel]
+
+    # -- published messages -----------------------------------------------------
+
+    def dispatch(self, message: Any) -> None:
+        """Queue a published message for delivery; thread-safe, in id order."""
+        if self._running:
+            self._outbox.append(message)
+            self._async.send()
+
+    def subscriber_count(self, channel: str) -> int:
+        return len(self._subscribers.get(channel, ()))
+
+    def _deliver(self) -> None:
+        outbox = self._outbox
+        if not outbox:
+            return
+        batch = []
+        while outbox:
+            batch.append(outbox.popleft())
+        if len(batch) == 1:  # the common case: one frame, written straight out
+            message = batch[0]
+            for conn in tuple(self._subscribers.get(message.channel, ())):
+                self._write_message(conn, framed(conn.protocol, message))
+            self._delivered(message)
+            return
+        # Several messages waiting: gather each connection's frames, one write each.
+        gathered: dict[Connection, list[bytes]] = {}
+        for message in batch:
+            for conn in self._subscribers.get(message.channel, ()):
+                if conn.protocol.one_shot and conn in gathered:
+                    continue  # its response is the first message; it polls again for more
+                frames = gathered.get(conn)
+                if frames is None:
+                    frames = gathered[conn] = []
+                frames.append(framed(conn.protocol, message))
+            self._delivered(message)
+        for conn, frames in gathered.items():
+            self._write_message(conn, frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _delivered(self, message: Any) -> None:
+        self.delivered_upto = message.id
+        self.stats["messages"] += 1
+
+    def _write_message(self, conn: Connection, data: bytes) -> None:
+        if conn.fd < 0 or conn.closing:
+            return
+        self.stats["deliveries"] += 1
+        self._write(conn, data)
+        if conn.protocol.one_shot:
+            self._finish(conn)
+
+    def _finish(self, conn: Connection) -> None:
+        """The response is complete: stop its messages, close once flushed."""
+        conn.closing = True
+        self._unsubscribe(conn)
+        if conn.fd >= 0 and not conn.outbuf:
+            self._drop(conn, "completed")
+
+    def _expire(self) -> None:
+        deadlines = self._deadlines
+        now = time.monotonic()
+        while deadlines and deadlines[0][0] <= now:
+            conn = heapq.heappop(deadlines)[2]
+            if conn.fd >= 0 and not conn.closing:
+                self._write(conn, conn.protocol.timeout(self.delivered_upto))
+                self._finish(conn)
 
     # -- reading, and noticing that the client left -------------------------------
 
@@ -298,6 +436,9 @@ class Reactor:
             return
         conn.outbuf = data[sent:]
         if not conn.outbuf:
+            if conn.closing:
+                self._drop(conn, "completed")
+                return
             self._epoll.modify(conn.fd, _READ_MASK)
 
     # -- 5. dropped, 6. closed ----------------------------------------------------------
@@ -307,6 +448,8 @@ class Reactor:
         if fd < 0:
             return
         del self._conns[fd]
+        if conn.channels:
+            self._unsubscribe(conn)
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
@@ -356,6 +499,14 @@ def get_reactor() -> Reactor:
         if _reactor is None or not _reactor.running:
             _reactor = Reactor().start()
         return _reactor
+
+
+def current_reactor() -> Reactor | None:
+    """This process's running reactor, or None; from any thread, never starts one."""
+    reactor = _reactor
+    if reactor is not None and reactor.pid == os.getpid() and reactor.running:
+        return reactor
+    return None
 
 
 def _abandon(reactor: Reactor) -> None:

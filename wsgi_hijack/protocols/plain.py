@@ -2,12 +2,18 @@
 
 The response is delimited by closing the connection (the head says
 ``Connection: close`` and has no length), which is valid HTTP/1.1 and
-HTTP/1.0, unlike the seed's ``Transfer-Encoding: binary``.
+HTTP/1.0, unlike the seed's ``Transfer-Encoding: binary``. A message is its
+data and a newline.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .base import Protocol
+
+if TYPE_CHECKING:
+    from ..bus import Message
 
 HEAD_HEADERS = [
     ("Content-Type", "text/plain"),
@@ -27,3 +33,6 @@ class PlainStream(Protocol):
     def receive_data(self, data: bytes) -> bytes | None:
         # A plain stream has nothing to say to a client that talks: discard.
         return None
+
+    def frame(self, message: Message) -> bytes:
+        return message.data.encode("utf-8") + b"\n"
