@@ -124,7 +124,7 @@ def test_client_that_never_reads_does_not_delay_others(start_server):
 
 
 def test_killed_clients_leave_no_fds_behind(start_server):
-    heartbeat = 1.0
+    heartbeat = 3.0
     server = start_server("gunicorn", heartbeat=heartbeat)
     pid = server.stats()["pid"]
     survivors = open_streams(server, 10)

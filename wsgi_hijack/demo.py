@@ -1,52 +1,142 @@
-"""The demo: the seed, done right. ``gunicorn -k gevent wsgi_hijack:app``.
+"""The demo app: ``gunicorn -k gevent wsgi_hijack:app``.
 
-``GET /`` answers ``200 text/plain`` with ``Connection: close`` (so the
-stream is valid HTTP/1.1 and HTTP/1.0: it ends when the connection does),
-hands the connection to the reactor and returns at once; the reactor then
-writes ``BEEP\\n`` to every held connection each heartbeat.
+Routes:
+
+- ``GET /``: the seed, done right: ``200 text/plain`` with ``Connection:
+  close`` (valid HTTP/1.1 and 1.0; the stream ends when the connection
+  does), then ``BEEP\\n`` each heartbeat.
+- ``GET /events?channel=C``: Server-Sent Events (``Last-Event-ID`` replays).
+- ``GET /poll?channel=C&since=ID``: long-poll, answered with JSON.
+- ``GET /stream?channel=C``: an HTTP/1.1 chunked stream.
+- ``POST /publish?channel=C[&event=E]``: the body is the message; ``202``
+  and ``{"id": N}``. With ``WSGI_HIJACK_PUBLISH_TOKEN`` set, it needs
+  ``Authorization: Bearer <token>``; without it, only loopback clients may
+  publish.
+
+``channel`` may be repeated on the subscribing routes to listen to several.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
+import os
 from collections.abc import Iterable
+from urllib.parse import parse_qs
 
 from . import config
+from .bus import PublishError, publish
 from .hijack import HijackMiddleware, partial_hijack
 from .protocols.plain import HEAD_HEADERS, PlainStream
 from .reactor import get_reactor
+from .streams import (
+    chunked_response,
+    json_response,
+    long_poll_response,
+    plain_response,
+    sse_response,
+)
 
 BEEP = PlainStream(b"BEEP\n")
 
 
-def _plain(start_response, status: str, text: str, extra: list | None = None) -> list[bytes]:
-    body = text.encode()
-    headers = [("Content-Type", "text/plain; charset=utf-8"),
-               ("Content-Length", str(len(body)))] + (extra or [])
-    start_response(status, headers)
-    return [body]
+def may_publish(environ: dict) -> tuple[bool, str, str]:
+    """The demo's publish rule: (allowed, status if not, reason if not).
+
+    With ``WSGI_HIJACK_PUBLISH_TOKEN`` set, a matching bearer token is needed
+    (compared in constant time). Without it, only loopback clients may publish,
+    so a demo left running on a public address is not an open relay.
+    """
+    token = os.environ.get("WSGI_HIJACK_PUBLISH_TOKEN")
+    if token:
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        if given.startswith("Bearer ") and hmac.compare_digest(
+                given[7:].strip().encode(), token.encode()):
+            return True, "", ""
+        return False, "401 Unauthorized", "publishing needs Authorization: Bearer <token>"
+    try:
+        loopback = ipaddress.ip_address(environ.get("REMOTE_ADDR", "")).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return True, "", ""
+    return False, "403 Forbidden", ("only loopback clients may publish; set "
+                                    "WSGI_HIJACK_PUBLISH_TOKEN to allow others with a token")
+
+
+def _publish(environ: dict, start_response, query: dict) -> Iterable[bytes]:
+    allowed, status, reason = may_publish(environ)
+    if not allowed:
+        extra = [("WWW-Authenticate", "Bearer")] if status.startswith("401") else []
+        return plain_response(start_response, status, reason + "\n", extra)
+    channels = query.get("channel", [])
+    if len(channels) != 1:
+        return plain_response(start_response, "400 Bad Request",
+                              "give exactly one ?channel=NAME to publish to\n")
+    limit = config.max_message()
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return plain_response(start_response, "400 Bad Request", "bad Content-Length\n")
+    if length > limit:
+        return plain_response(start_response, "413 Content Too Large",
+                              f"message is {length} bytes, over the limit of {limit}\n")
+    body = environ["wsgi.input"].read(limit + 1) if length or _chunked(environ) else b""
+    if len(body) > limit:
+        return plain_response(start_response, "413 Content Too Large",
+                              f"message is over the limit of {limit} bytes\n")
+    event = query.get("event", [None])[0]
+    try:
+        message_id = publish(channels[0], body, event)
+    except PublishError as exc:
+        return plain_response(start_response, "400 Bad Request", f"{exc}\n")
+    return json_response(start_response, "202 Accepted", {"id": message_id})
+
+
+def _chunked(environ: dict) -> bool:
+    return environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+
+
+def _beep(environ: dict, start_response) -> Iterable[bytes]:
+    if not environ.get("wsgi_hijack.hijackable"):
+        logging.getLogger("wsgi_hijack").warning(
+            "GET / needs a server that can hijack (gunicorn -k gevent, gevent.pywsgi)")
+        return plain_response(start_response, "501 Not Implemented",
+                              "this server cannot hand connections to the reactor; "
+                              "run under gunicorn -k gevent or gevent.pywsgi\n")
+    reactor = get_reactor()
+    start_response("200 OK", list(HEAD_HEADERS))
+    return partial_hijack(environ, lambda sock: reactor.hold(sock, BEEP))
+
+
+# path -> (allowed methods, handler(environ, start_response, query))
+ROUTES = {
+    "/": ("GET", lambda e, s, q: _beep(e, s)),
+    "/events": ("GET", lambda e, s, q: sse_response(e, s, q.get("channel", []))),
+    "/stream": ("GET", lambda e, s, q: chunked_response(e, s, q.get("channel", []))),
+    "/poll": ("GET", lambda e, s, q: long_poll_response(
+        e, s, q.get("channel", []), q.get("since", [""])[0])),
+    "/publish": ("POST", _publish),
+}
 
 
 def demo_app(environ: dict, start_response) -> Iterable[bytes]:
     path = environ.get("PATH_INFO", "/")
     method = environ.get("REQUEST_METHOD", "GET")
-    if path != "/":
-        return _plain(start_response, "404 Not Found", f"no route for {path}\n")
-    if method == "HEAD":
+    route = ROUTES.get(path)
+    if route is None:
+        return plain_response(start_response, "404 Not Found", f"no route for {path}\n")
+    allowed, handler = route
+    if method == "HEAD" and allowed == "GET" and path == "/":
         start_response("200 OK", list(HEAD_HEADERS))
         return []
-    if method != "GET":
-        return _plain(start_response, "405 Method Not Allowed",
-                      f"{method} not allowed on /; use GET\n", [("Allow", "GET, HEAD")])
-    if not environ.get("wsgi_hijack.hijackable"):
-        logging.getLogger("wsgi_hijack").warning(
-            "GET / needs a server that can hijack (gunicorn -k gevent, gevent.pywsgi)")
-        return _plain(start_response, "501 Not Implemented",
-                      "this server cannot hand connections to the reactor; "
-                      "run under gunicorn -k gevent or gevent.pywsgi\n")
-    reactor = get_reactor()
-    start_response("200 OK", list(HEAD_HEADERS))
-    return partial_hijack(environ, lambda sock: reactor.hold(sock, BEEP))
+    if method != allowed:
+        allow = "GET, HEAD" if path == "/" else allowed
+        return plain_response(start_response, "405 Method Not Allowed",
+                              f"{method} not allowed on {path}; use {allow}\n", [("Allow", allow)])
+    query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+    return handler(environ, start_response, query)
 
 
 app = HijackMiddleware(demo_app)

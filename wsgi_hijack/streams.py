@@ -1,0 +1,148 @@
+"""Subscribe a request's connection to channels: SSE, chunked, or long-poll.
+
+Each function is called from a WSGI app (inside :class:`HijackMiddleware`)
+with the app's ``environ`` and ``start_response``, and returns what the app
+returns. It checks the request, hijacks the connection and hands it to the
+reactor, subscribed to ``channels``; or, when the request is bad, answers a
+``400`` with the reason and takes nothing. On a server that cannot hijack it
+answers ``501`` and logs why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+
+from .bus import PublishError, check_channel
+from .hijack import full_hijack, is_hijackable, partial_hijack
+from .protocols.chunked import HEAD_HEADERS as CHUNKED_HEAD
+from .protocols.chunked import ChunkedStream
+from .protocols.longpoll import LongPoll
+from .protocols.sse import HEAD_HEADERS as SSE_HEAD
+from .protocols.sse import ServerSentEvents
+from .reactor import get_reactor
+
+log = logging.getLogger("wsgi_hijack")
+
+SSE = ServerSentEvents()
+CHUNKED = ChunkedStream()
+LONG_POLL = LongPoll()
+
+
+class BadRequest(ValueError):
+    """The request cannot be served as sent; the text says why (answered as 400)."""
+
+
+def plain_response(start_response, status: str, text: str,
+                   headers: Sequence[tuple[str, str]] = ()) -> list[bytes]:
+    body = text.encode("utf-8")
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body))), *headers])
+    return [body]
+
+
+def json_response(start_response, status: str, data: object) -> list[bytes]:
+    body = json.dumps(data).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def parse_id(value: str | None, what: str) -> int | None:
+    """A message id from a client: a non-negative integer, or absent."""
+    if value is None or value == "":
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 19:
+        raise BadRequest(f"{what} must be a non-negative integer message id, got {value!r}")
+    return int(value)
+
+
+def check_channels(channels: Iterable[str]) -> tuple[str, ...]:
+    channels = tuple(channels)
+    if not channels:
+        raise BadRequest("no channel given: add ?channel=NAME")
+    try:
+        return tuple(dict.fromkeys(check_channel(c) for c in channels))
+    except PublishError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _unhijackable(start_response, what: str) -> list[bytes]:
+    log.warning("%s needs a server that can hijack (gunicorn -k gevent, gevent.pywsgi)", what)
+    return plain_response(start_response, "501 Not Implemented",
+                          f"{what} is not available on this server: it cannot hand "
+                          "connections to the reactor\n")
+
+
+def _bad(start_response, exc: BadRequest) -> list[bytes]:
+    return plain_response(start_response, "400 Bad Request", f"{exc}\n")
+
+
+def sse_response(environ: dict, start_response, channels: Iterable[str],
+                 last_id: int | str | None = None) -> list[bytes]:
+    """Stream ``channels`` as Server-Sent Events.
+
+    ``last_id`` defaults to the request's ``Last-Event-ID`` header, which
+    EventSource sends when it reconnects: the client first gets what it
+    missed, or a ``gap`` event when some of it is gone from the history.
+    """
+    try:
+        channels = check_channels(channels)
+        if last_id is None:
+            last_id = parse_id(environ.get("HTTP_LAST_EVENT_ID"), "Last-Event-ID")
+        elif isinstance(last_id, str):
+            last_id = parse_id(last_id, "last_id")
+    except BadRequest as exc:
+        return _bad(start_response, exc)
+    if not is_hijackable(environ):
+        return _unhijackable(start_response, "Server-Sent Events")
+    reactor = get_reactor()
+    start_response("200 OK", list(SSE_HEAD))
+    return partial_hijack(environ, lambda sock: reactor.hold(
+        sock, SSE, channels=channels, last_id=last_id))
+
+
+def chunked_response(environ: dict, start_response, channels: Iterable[str],
+                     last_id: int | str | None = None) -> list[bytes]:
+    """Stream ``channels`` as an HTTP/1.1 chunked response, one chunk per message."""
+    try:
+        channels = check_channels(channels)
+        if isinstance(last_id, str) or last_id is None:
+            last_id = parse_id(last_id if last_id is not None
+                               else environ.get("HTTP_LAST_EVENT_ID"), "last_id")
+        if environ.get("SERVER_PROTOCOL") == "HTTP/1.0":
+            raise BadRequest("a chunked stream needs HTTP/1.1; use /events or /poll")
+    except BadRequest as exc:
+        return _bad(start_response, exc)
+    if not is_hijackable(environ):
+        return _unhijackable(start_response, "chunked streams")
+    reactor = get_reactor()
+    start_response("200 OK", list(CHUNKED_HEAD))
+    return partial_hijack(environ, lambda sock: reactor.hold(
+        sock, CHUNKED, channels=channels, last_id=last_id))
+
+
+def long_poll_response(environ: dict, start_response, channels: Iterable[str],
+                       since: int | str | None, timeout: float | None = None) -> list[bytes]:
+    """Answer with messages after ``since`` as soon as there are any, or ``[]``
+    after ``timeout`` seconds (``WSGI_HIJACK_POLL_TIMEOUT``, default 25).
+
+    Without ``since``, the client has seen nothing it cares about: it waits
+    for the next message.
+    """
+    from . import config
+
+    try:
+        channels = check_channels(channels)
+        if isinstance(since, str):
+            since = parse_id(since, "since")
+    except BadRequest as exc:
+        return _bad(start_response, exc)
+    if not is_hijackable(environ):
+        return _unhijackable(start_response, "long-poll")
+    reactor = get_reactor()
+    sock = full_hijack(environ)  # the head is written with the answer, not before
+    reactor.hold(sock, LONG_POLL, channels=channels, last_id=since,
+                 timeout=timeout if timeout is not None else config.poll_timeout())
+    return []
