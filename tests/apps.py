@@ -16,6 +16,7 @@ import greenlet
 from gevent import monkey
 
 from wsgi_hijack import HijackMiddleware, PlainStream, full_hijack, get_reactor, partial_hijack
+from wsgi_hijack.bus import publish
 from wsgi_hijack.demo import demo_app
 
 BEEP = PlainStream(b"BEEP\n")
@@ -128,7 +129,36 @@ def framework_style(environ, start_response):
     return [b"this body is never sent"]
 
 
+def publish_burst(environ, start_response):
+    """Publish n messages on a channel from a real OS thread, paced by sleep_ms."""
+    from urllib.parse import parse_qs
+
+    q = parse_qs(environ["QUERY_STRING"])
+    channel, n, pause = q["channel"][0], int(q["n"][0]), float(q.get("sleep_ms", ["1"])[0])
+
+    def run():
+        import time
+
+        for i in range(n):
+            publish(channel, f"burst {i}")
+            time.sleep(pause / 1000)
+
+    _start_new_thread(run, ())
+    return _json(start_response, {"started": n})
+
+
+def publish_batch(environ, start_response):
+    """Publish n messages without yielding: the reactor finds them all waiting."""
+    from urllib.parse import parse_qs
+
+    q = parse_qs(environ["QUERY_STRING"])
+    ids = [publish(q["channel"][0], f"batch {i}") for i in range(int(q["n"][0]))]
+    return _json(start_response, {"ids": ids})
+
+
 ROUTES = {
+    "/_burst": publish_burst,
+    "/_batch": publish_batch,
     "/no-head": partial_without_head,
     "/framework": framework_style,
     "/_stats": stats,

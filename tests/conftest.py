@@ -91,13 +91,16 @@ def server_env(heartbeat: float) -> dict:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(kind, heartbeat=..., app=..., args=[...]) -> Server; stopped after the test."""
+    """start_server(kind, heartbeat=..., app=..., args=[...], env={...}) -> Server;
+    stopped after the test."""
     servers: list[Server] = []
 
     def start(kind: str, heartbeat: float = 0.5, app: str = "tests.apps:app",
-              args: tuple[str, ...] = ()) -> Server:
+              args: tuple[str, ...] = (), env: dict | None = None) -> Server:
         port = free_port()
+        extra_env = env
         env = server_env(heartbeat)
+        env.update(extra_env or {})
         if kind == "gunicorn":
             argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
                     "-b", f"127.0.0.1:{port}", "--no-control-socket",
