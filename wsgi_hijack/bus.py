@@ -169,6 +169,13 @@ class InProcessBus:
     def last_id(self) -> int:
         return self._last_id
 
+    # One process: every channel is live at once, nothing to subscribe to.
+    def subscribe(self, channel: str) -> bool:
+        return True
+
+    def unsubscribe(self, channel: str) -> None:
+        pass
+
     def replay(self, channels: Iterable[str], after: int | None,
                upto: int | None = None) -> Replay:
         """Messages on ``channels`` with ``after < id <= upto``, in id order.

@@ -69,6 +69,10 @@ _CLOSED_MASK = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 _POLL_BATCH = 4096
 _READ_SIZE = 65536
 
+#: Control events a bus queues through Reactor.dispatch, in order with messages.
+BUS_LIVE = "live"
+BUS_RESYNC = "resync"
+
 _write = os.write
 _read = os.read
 
@@ -90,6 +94,14 @@ class Reactor:
         self._subscribers: dict[str, set[Connection]] = {}
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._deadline_seq = itertools.count()
+        # channel -> True once the bus delivers it here, False while confirming
+        self._bus_channels: dict[str, bool] = {}
+        # connections waiting for their channels' bus subscription -> their last id
+        self._waiting: dict[Connection, int | None] = {}
+        # connection -> id up to which its replay already covered live messages
+        self._skip: dict[Connection, int] = {}
+        # after a resync: messages up to this id were delivered from the history
+        self._floor = 0
         #: The bus whose history serves replays; set at start() if not given.
         self.bus: Any = None
         #: Id of the last message delivered to subscribers.
@@ -243,10 +255,27 @@ class Reactor:
                 self._subscribe(conn, last_id, timeout)
 
     def _subscribe(self, conn: Connection, last_id: int | None, timeout: float | None) -> None:
+        if timeout is not None:
+            heapq.heappush(self._deadlines,
+                           (time.monotonic() + timeout, next(self._deadline_seq), conn))
+        # A channel this worker does not listen to yet is subscribed at the bus
+        # first; a cross-process bus confirms later (BUS_LIVE), and until then
+        # the connection waits, taking no messages.
+        live = True
+        for channel in conn.channels:
+            state = self._bus_channels.get(channel)
+            if state is None:
+                state = self._bus_channels[channel] = bool(self.bus.subscribe(channel))
+            live = live and state
+        if not live:
+            self._waiting[conn] = last_id
+            return
         # Replay up to the last delivered message, then subscribe: messages
         # after it are still in the outbox and reach the connection through
         # _deliver, so it gets each exactly once.
-        replay = self.bus.replay(conn.channels, last_id, upto=self.delivered_upto)
+        self._join(conn, self.bus.replay(conn.channels, last_id, upto=self.delivered_upto))
+
+    def _join(self, conn: Connection, replay: Any) -> None:
         opening = conn.protocol.opening(replay)
         if opening:
             self._write(conn, opening)
@@ -255,27 +284,45 @@ class Reactor:
                 return
         if conn.fd < 0:
             return
+        if replay.last_id > self.delivered_upto:
+            # The replay read past what was delivered: those messages are
+            # still on their way, and this connection already has them.
+            self._skip[conn] = replay.last_id
         for channel in conn.channels:
             subscribers = self._subscribers.get(channel)
             if subscribers is None:
                 subscribers = self._subscribers[channel] = set()
             subscribers.add(conn)
-        if timeout is not None:
-            heapq.heappush(self._deadlines,
-                           (time.monotonic() + timeout, next(self._deadline_seq), conn))
 
     def _unsubscribe(self, conn: Connection) -> None:
+        self._waiting.pop(conn, None)
+        self._skip.pop(conn, None)
         for channel in conn.channels:
             subscribers = self._subscribers.get(channel)
             if subscribers is not None:
                 subscribers.discard(conn)
                 if not subscribers:
                     del self._subscribers[channel]
+            self._release(channel)
+
+    def _release(self, channel: str) -> None:
+        """Unsubscribe ``channel`` at the bus once no connection here needs it."""
+        if channel in self._subscribers or channel not in self._bus_channels:
+            return
+        if any(channel in conn.channels for conn in self._waiting):
+            return
+        del self._bus_channels[channel]
+        self.bus.unsubscribe(channel)
 
     # -- published messages -----------------------------------------------------
 
     def dispatch(self, message: Any) -> None:
-        """Queue a published message for delivery; thread-safe, in id order."""
+        """Queue a published message for delivery; thread-safe, in id order.
+
+        A bus may also queue control events, in order with its messages:
+        ``(BUS_LIVE, channel)`` when a channel's subscription is confirmed,
+        ``(BUS_RESYNC, None)`` after it reconnected and may have missed some.
+        """
         if self._running:
             self._outbox.append(message)
             self._async.send()
@@ -289,8 +336,26 @@ class Reactor:
             return
         batch = []
         while outbox:
-            batch.append(outbox.popleft())
-        if len(batch) == 1:  # the common case: one frame, written straight out
+            item = outbox.popleft()
+            if type(item) is tuple:  # a bus control event: deliver what came before it first
+                self._deliver_batch(batch)
+                batch = []
+                self._control(*item)
+            else:
+                batch.append(item)
+        self._deliver_batch(batch)
+        if self._skip:
+            upto = self.delivered_upto
+            for conn in [c for c, last in self._skip.items() if last <= upto]:
+                del self._skip[conn]
+
+    def _deliver_batch(self, batch: list[Any]) -> None:
+        floor, skip = self._floor, self._skip
+        if floor:
+            batch = [m for m in batch if m.id > floor]
+        if not batch:
+            return
+        if len(batch) == 1 and not skip:  # the common case: one frame, written straight out
             message = batch[0]
             for conn in tuple(self._subscribers.get(message.channel, ())):
                 self._write_message(conn, framed(conn.protocol, message))
@@ -302,6 +367,8 @@ class Reactor:
             for conn in self._subscribers.get(message.channel, ()):
                 if conn.protocol.one_shot and conn in gathered:
                     continue  # its response is the first message; it polls again for more
+                if skip and skip.get(conn, 0) >= message.id:
+                    continue  # it had this one in its replay
                 frames = gathered.get(conn)
                 if frames is None:
                     frames = gathered[conn] = []
@@ -309,6 +376,30 @@ class Reactor:
             self._delivered(message)
         for conn, frames in gathered.items():
             self._write_message(conn, frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _control(self, kind: str, channel: str | None) -> None:
+        if kind == BUS_LIVE:
+            if channel not in self._bus_channels:
+                return  # nobody wants it any more
+            self._bus_channels[channel] = True
+            ready = [conn for conn in self._waiting
+                     if all(self._bus_channels.get(c) for c in conn.channels)]
+            for conn in ready:
+                last_id = self._waiting.pop(conn)
+                if conn.fd >= 0 and not conn.closing:
+                    # Read everything stored so far: messages published before
+                    # the subscription was live are only there.
+                    self._join(conn, self.bus.replay(conn.channels, last_id))
+        elif kind == BUS_RESYNC:
+            # The bus was cut off and may have missed messages: take them from
+            # the history, and skip them when they also arrive live.
+            channels = list(self._subscribers)
+            if not channels:
+                return
+            replay = self.bus.replay(channels, self.delivered_upto)
+            self._deliver_batch([m for m in replay.messages if m.id > self.delivered_upto])
+            self._floor = max(self._floor, replay.last_id)
+            self.delivered_upto = max(self.delivered_upto, replay.last_id)
 
     def _delivered(self, message: Any) -> None:
         self.delivered_upto = message.id
