@@ -26,10 +26,25 @@ def _raise_nofile() -> tuple[int, int, int]:
     return soft, hard, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+# The bus that carries published messages to every worker: Redis when set
+# (here or in WSGI_HIJACK_REDIS_URL), else each worker's own in-process bus.
+redis_url = os.environ.get("WSGI_HIJACK_REDIS_URL", "")
+
+
 def on_starting(server):
     soft, hard, now = _raise_nofile()
     server.log.info("RLIMIT_NOFILE: soft %d, hard %d; soft now %d (each held "
                     "connection is one fd)", soft, hard, now)
+    if redis_url:
+        os.environ["WSGI_HIJACK_REDIS_URL"] = redis_url  # inherited by the workers
+        server.log.info("bus: Redis at %s", redis_url)
+    elif server.cfg.workers > 1 and os.environ.get("WSGI_HIJACK_ALLOW_LOCAL_BUS") != "1":
+        # Each worker would have its own bus: a publish would reach only the
+        # clients of the worker that took the POST. Refuse rather than lose.
+        raise SystemExit(
+            f"wsgi_hijack: {server.cfg.workers} workers need a cross-worker bus: set "
+            "WSGI_HIJACK_REDIS_URL (or redis_url in gunicorn.conf.py). If your app never "
+            "publishes, set WSGI_HIJACK_ALLOW_LOCAL_BUS=1.")
 
 
 def post_worker_init(worker):

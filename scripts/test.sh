@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests run for real: redis-server (the Redis bus tests
+# start and kill their own).
+need=()
+command -v redis-server > /dev/null || need+=(redis-server)
+if ((${#need[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends "${need[@]}" \
+        || { apt-get update && apt-get install -y --no-install-recommends "${need[@]}"; }
+fi
+
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 python3 -m ruff check .
 # pytest exits 5 when no test ran; set -e turns that into a failure too.

@@ -140,7 +140,8 @@ def test_pipelined_second_request_is_not_answered_by_the_server(server):
 def test_reactor_starts_in_each_worker_after_fork(start_server):
     # --preload imports the app in the master before forking two workers: each
     # worker must still get its own running reactor (started after the fork).
-    server = start_server("gunicorn", heartbeat=0.3, args=("--preload", "--workers", "2"))
+    server = start_server("gunicorn", heartbeat=0.3, args=("--preload", "--workers", "2"),
+                          env={"WSGI_HIJACK_ALLOW_LOCAL_BUS": "1"})
     pids = set()
     for _ in range(40):
         pids.add(server.stats()["pid"])

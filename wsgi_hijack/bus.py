@@ -19,6 +19,7 @@ for messages after an id lower than that has missed some, and is told so
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -203,17 +204,29 @@ class InProcessBus:
         return Replay(found, gap, upto)
 
 
-_bus: InProcessBus | None = None
+_bus: Any = None
+_bus_pid = 0
 _bus_lock = threading.Lock()
 
 
-def get_bus() -> InProcessBus:
-    """This process's bus (created on first use)."""
-    global _bus
-    if _bus is None:
+def make_bus() -> Any:
+    """The bus the configuration asks for: Redis when ``WSGI_HIJACK_REDIS_URL``
+    is set, else the in-process bus."""
+    url = config.redis_url()
+    if url:
+        from .redis_bus import RedisBus
+
+        return RedisBus(url)
+    return InProcessBus()
+
+
+def get_bus() -> Any:
+    """This process's bus, made on first use (and again after a fork)."""
+    global _bus, _bus_pid
+    if _bus is None or _bus_pid != os.getpid():
         with _bus_lock:
-            if _bus is None:
-                _bus = InProcessBus()
+            if _bus is None or _bus_pid != os.getpid():
+                _bus, _bus_pid = make_bus(), os.getpid()
     return _bus
 
 

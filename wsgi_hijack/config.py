@@ -69,3 +69,12 @@ def sse_retry_ms() -> int:
     """The SSE ``retry`` hint sent to each new stream, in milliseconds:
     ``WSGI_HIJACK_SSE_RETRY``, default 2000."""
     return int(_positive("WSGI_HIJACK_SSE_RETRY", 2000, int))
+
+
+def redis_url() -> str | None:
+    """``WSGI_HIJACK_REDIS_URL`` (e.g. ``redis://127.0.0.1:6379/0``): use the Redis
+    bus, shared by every worker and host. Unset: the in-process bus."""
+    url = os.environ.get("WSGI_HIJACK_REDIS_URL", "").strip()
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"WSGI_HIJACK_REDIS_URL={url!r}: expected redis://, rediss:// or unix://")
+    return url or None

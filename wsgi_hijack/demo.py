@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from urllib.parse import parse_qs
 
 from . import config
-from .bus import PublishError, publish
+from .bus import BusUnavailable, PublishError, publish
 from .hijack import HijackMiddleware, partial_hijack
 from .protocols.plain import HEAD_HEADERS, PlainStream
 from .reactor import get_reactor
@@ -91,6 +91,11 @@ def _publish(environ: dict, start_response, query: dict) -> Iterable[bytes]:
         message_id = publish(channels[0], body, event)
     except PublishError as exc:
         return plain_response(start_response, "400 Bad Request", f"{exc}\n")
+    except BusUnavailable as exc:
+        logging.getLogger("wsgi_hijack").error("publish failed: %s", exc)
+        return plain_response(start_response, "503 Service Unavailable",
+                              f"{exc}\nNothing was published; retry later.\n",
+                              [("Retry-After", "1")])
     return json_response(start_response, "202 Accepted", {"id": message_id})
 
 

@@ -94,14 +94,16 @@ class Reactor:
         self._subscribers: dict[str, set[Connection]] = {}
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._deadline_seq = itertools.count()
-        # channel -> True once the bus delivers it here, False while confirming
-        self._bus_channels: dict[str, bool] = {}
+        # channel -> subscription confirmations still awaited from the bus (0: live)
+        self._bus_channels: dict[str, int] = {}
+        # confirmations still to come for subscriptions already released
+        self._stale_confirmations: dict[str, int] = {}
+        # while the bus resynchronises: live messages held back, else None
+        self._resyncing: list[Any] | None = None
         # connections waiting for their channels' bus subscription -> their last id
         self._waiting: dict[Connection, int | None] = {}
         # connection -> id up to which its replay already covered live messages
         self._skip: dict[Connection, int] = {}
-        # after a resync: messages up to this id were delivered from the history
-        self._floor = 0
         #: The bus whose history serves replays; set at start() if not given.
         self.bus: Any = None
         #: Id of the last message delivered to subscribers.
@@ -134,7 +136,14 @@ class Reactor:
             self.bus = get_bus()
         # Anything published before now had no subscriber here, but stays
         # replayable: count it as delivered.
-        self.delivered_upto = self.bus.last_id()
+        try:
+            self.delivered_upto = self.bus.last_id()
+        except Exception as exc:  # a bus that is down now may be back soon
+            log.warning("bus unavailable at start (%s); continuing without it", exc)
+            self.delivered_upto = 0
+        start_bus = getattr(self.bus, "start", None)
+        if start_bus is not None:
+            start_bus(self)
         hub = gevent.get_hub()
         self._hub_thread = threading.get_ident()
         self._epoll = _epoll()
@@ -166,6 +175,9 @@ class Reactor:
                 except OSError:
                     pass
             self._drop(conn, None)
+        close_bus = getattr(self.bus, "close", None)
+        if close_bus is not None:
+            close_bus()
         self._io_watcher.stop()
         self._async.stop()
         self._epoll.close()
@@ -263,17 +275,19 @@ class Reactor:
         # the connection waits, taking no messages.
         live = True
         for channel in conn.channels:
-            state = self._bus_channels.get(channel)
-            if state is None:
-                state = self._bus_channels[channel] = bool(self.bus.subscribe(channel))
-            live = live and state
-        if not live:
+            awaited = self._bus_channels.get(channel)
+            if awaited is None:
+                awaited = self._bus_channels[channel] = 0 if self.bus.subscribe(channel) else 1
+            live = live and awaited == 0
+        if not live or self._resyncing is not None:
             self._waiting[conn] = last_id
             return
         # Replay up to the last delivered message, then subscribe: messages
         # after it are still in the outbox and reach the connection through
         # _deliver, so it gets each exactly once.
-        self._join(conn, self.bus.replay(conn.channels, last_id, upto=self.delivered_upto))
+        # (0: nothing delivered yet and the bus's position unknown: read it all.)
+        self._join(conn, self.bus.replay(conn.channels, last_id,
+                                         upto=self.delivered_upto or None))
 
     def _join(self, conn: Connection, replay: Any) -> None:
         opening = conn.protocol.opening(replay)
@@ -311,7 +325,10 @@ class Reactor:
             return
         if any(channel in conn.channels for conn in self._waiting):
             return
-        del self._bus_channels[channel]
+        awaited = self._bus_channels.pop(channel)
+        if awaited:
+            self._stale_confirmations[channel] = (
+                self._stale_confirmations.get(channel, 0) + awaited)
         self.bus.unsubscribe(channel)
 
     # -- published messages -----------------------------------------------------
@@ -350,11 +367,12 @@ class Reactor:
                 del self._skip[conn]
 
     def _deliver_batch(self, batch: list[Any]) -> None:
-        floor, skip = self._floor, self._skip
-        if floor:
-            batch = [m for m in batch if m.id > floor]
         if not batch:
             return
+        if self._resyncing is not None:
+            self._resyncing.extend(batch)
+            return
+        skip = self._skip
         if len(batch) == 1 and not skip:  # the common case: one frame, written straight out
             message = batch[0]
             for conn in tuple(self._subscribers.get(message.channel, ())):
@@ -379,27 +397,52 @@ class Reactor:
 
     def _control(self, kind: str, channel: str | None) -> None:
         if kind == BUS_LIVE:
-            if channel not in self._bus_channels:
-                return  # nobody wants it any more
-            self._bus_channels[channel] = True
-            ready = [conn for conn in self._waiting
-                     if all(self._bus_channels.get(c) for c in conn.channels)]
-            for conn in ready:
-                last_id = self._waiting.pop(conn)
-                if conn.fd >= 0 and not conn.closing:
-                    # Read everything stored so far: messages published before
-                    # the subscription was live are only there.
-                    self._join(conn, self.bus.replay(conn.channels, last_id))
-        elif kind == BUS_RESYNC:
-            # The bus was cut off and may have missed messages: take them from
-            # the history, and skip them when they also arrive live.
-            channels = list(self._subscribers)
-            if not channels:
+            stale = self._stale_confirmations.get(channel, 0)
+            if stale:  # for a subscription released since: not this one
+                if stale == 1:
+                    del self._stale_confirmations[channel]
+                else:
+                    self._stale_confirmations[channel] = stale - 1
                 return
-            replay = self.bus.replay(channels, self.delivered_upto)
-            self._deliver_batch([m for m in replay.messages if m.id > self.delivered_upto])
-            self._floor = max(self._floor, replay.last_id)
-            self.delivered_upto = max(self.delivered_upto, replay.last_id)
+            awaited = self._bus_channels.get(channel)
+            if not awaited:
+                return
+            self._bus_channels[channel] = awaited - 1
+            if any(self._bus_channels.values()):
+                return
+            if self._resyncing is not None:
+                self._finish_resync()
+            self._admit_waiting()
+        elif kind == BUS_RESYNC:
+            # The bus reconnected and now subscribes every channel again, one
+            # confirmation each. Until all are live, hold live messages back;
+            # then take what was missed from the history (_finish_resync).
+            self._stale_confirmations.clear()
+            for name in self._bus_channels:
+                self._bus_channels[name] = 1
+            if self._bus_channels and self._resyncing is None:
+                self._resyncing = []
+
+    def _admit_waiting(self) -> None:
+        ready = [conn for conn in self._waiting
+                 if all(self._bus_channels.get(c) == 0 for c in conn.channels)]
+        for conn in ready:
+            last_id = self._waiting.pop(conn)
+            if conn.fd >= 0 and not conn.closing:
+                # Read everything stored so far: messages published before
+                # the subscription was live are only there.
+                self._join(conn, self.bus.replay(conn.channels, last_id))
+
+    def _finish_resync(self) -> None:
+        held, self._resyncing = self._resyncing or [], None
+        if not self.delivered_upto:  # no position to resume from: only go on live
+            self._deliver_batch(held)
+            return
+        replay = self.bus.replay(list(self._subscribers), self.delivered_upto)
+        missed = [m for m in replay.messages if m.id > self.delivered_upto]
+        self._deliver_batch(missed + [m for m in held if m.id > replay.last_id])
+        if replay.last_id > self.delivered_upto:
+            self.delivered_upto = replay.last_id
 
     def _delivered(self, message: Any) -> None:
         self.delivered_upto = message.id

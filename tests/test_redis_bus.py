@@ -1,0 +1,148 @@
+"""The Redis bus against a real redis-server: many workers, shared replay, outages."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+
+from .conftest import assert_clean_log
+from .test_channels import published_id, raw_get, read_until
+
+
+def redis_gunicorn(start_server, redis_server, workers: int = 2, heartbeat: float = 0.5, **kw):
+    return start_server("gunicorn", heartbeat=heartbeat, args=("--workers", str(workers)),
+                        env={"WSGI_HIJACK_REDIS_URL": redis_server.url, **kw})
+
+
+def held_by_pid(server, want: int, timeout: float = 10) -> dict:
+    """Ask /_stats until every worker answered; {pid: held}."""
+    seen: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = server.stats()
+        seen[stats["pid"]] = stats["held"]
+        if len(seen) == want and sum(seen.values()) >= 0:
+            return seen
+    return seen
+
+
+def open_sse(server, channel: str, count: int, headers: str = "") -> list[socket.socket]:
+    socks = [raw_get(server, f"/events?channel={channel}", headers) for _ in range(count)]
+    for s in socks:
+        read_until(s, b"retry: 2000\n\n")
+    return socks
+
+
+def wait_total_held(server, workers: int, total: int, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    seen: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        stats = server.stats()
+        seen[stats["pid"]] = stats["held"]
+        if len(seen) == workers and sum(seen.values()) >= total:
+            return seen
+    raise AssertionError(f"held {seen}, wanted {total} over {workers} workers")
+
+
+def test_one_publish_reaches_every_worker(start_server, redis_server):
+    server = redis_gunicorn(start_server, redis_server)
+    socks = open_sse(server, "all", 40)
+    seen = wait_total_held(server, 2, 40)
+    assert all(v > 0 for v in seen.values()), seen  # both workers hold some
+    ids = [published_id(server, "all", f"m{i}") for i in range(3)]
+    for s in socks:
+        with s:
+            data = read_until(s, b"data: m2\n\n")
+        got = [int(x.split(b"\n")[0]) for x in data.split(b"id: ")[1:]]
+        assert got == ids
+    assert_clean_log(server)
+
+
+def test_replay_is_shared_across_workers_and_hosts(start_server, redis_server):
+    # Two separate gunicorn instances (two "hosts") on one Redis.
+    host_a = redis_gunicorn(start_server, redis_server, workers=1)
+    host_b = redis_gunicorn(start_server, redis_server, workers=1)
+    ids = [published_id(host_a, "shared", f"m{i}") for i in range(4)]
+    with raw_get(host_b, "/events?channel=shared", f"Last-Event-ID: {ids[0]}\r\n") as s:
+        data = read_until(s, b"data: m3\n\n")
+        body = data.partition(b"\r\n\r\n")[2].decode()
+        assert body == "retry: 2000\n\n" + "".join(
+            f"id: {ids[i]}\ndata: m{i}\n\n" for i in (1, 2, 3))
+        live = published_id(host_a, "shared", "live")
+        assert f"id: {live}\ndata: live\n\n".encode() in read_until(s, b"data: live\n\n")
+    # ids are ordered across hosts: a publish on B continues A's sequence.
+    assert published_id(host_b, "shared", "from b") == live + 1
+
+
+def test_history_trim_in_redis_reports_gap(start_server, redis_server):
+    server = redis_gunicorn(start_server, redis_server, workers=1,
+                            WSGI_HIJACK_HISTORY_SIZE="2")
+    ids = [published_id(server, "trim", f"m{i}") for i in range(5)]
+    with raw_get(server, "/events?channel=trim", f"Last-Event-ID: {ids[0]}\r\n") as s:
+        data = read_until(s, b"data: m4\n\n")
+    body = data.partition(b"\r\n\r\n")[2].decode()
+    assert body.startswith("retry: 2000\n\nevent: gap\n"), body
+    assert body.endswith(f"id: {ids[3]}\ndata: m3\n\nid: {ids[4]}\ndata: m4\n\n")
+
+
+def test_two_workers_without_a_cross_worker_bus_refuse_to_start(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, free_port, server_env
+
+    env = server_env(1)
+    env.pop("WSGI_HIJACK_REDIS_URL", None)
+    env.pop("WSGI_HIJACK_ALLOW_LOCAL_BUS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "-w", "2",
+         "-b", f"127.0.0.1:{free_port()}", "--no-control-socket", "wsgi_hijack:app"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "need a cross-worker bus" in proc.stderr + proc.stdout
+
+
+def test_redis_outage(start_server, redis_server):
+    server = redis_gunicorn(start_server, redis_server, workers=2, heartbeat=0.3)
+    socks = open_sse(server, "out", 20)
+    wait_total_held(server, 2, 20)
+    before = published_id(server, "out", "before")
+    for s in socks:
+        read_until(s, b"data: before\n\n")
+
+    redis_server.kill()
+    # Publishing fails loudly and publishes nothing.
+    resp = httpx.post(f"http://127.0.0.1:{server.port}/publish", params={"channel": "out"},
+                      content=b"during", timeout=10)
+    assert resp.status_code == 503 and "unavailable" in resp.text, resp.text
+    assert resp.headers["retry-after"] == "1"
+    # Held connections stay open and keep their heartbeats.
+    for s in socks:
+        s.settimeout(5)
+        read_until(s, b": ping\n\n", s.recv(65536))
+
+    redis_server.start()
+    # Workers reconnect with backoff; delivery resumes.
+    deadline = time.monotonic() + 20
+    while True:
+        resp = httpx.post(f"http://127.0.0.1:{server.port}/publish",
+                          params={"channel": "out"}, content=b"after", timeout=10)
+        if resp.status_code == 202:
+            break
+        assert time.monotonic() < deadline, resp.text
+        time.sleep(0.2)
+    after = resp.json()["id"]
+    assert after > before  # the counter survived the restart
+    for s in socks:
+        data = read_until(s, b"data: after\n\n")
+        assert b"during" not in data
+    # Replay still covers what was published before the outage.
+    with raw_get(server, "/events?channel=out", f"Last-Event-ID: {before - 1}\r\n") as s:
+        data = read_until(s, b"data: after\n\n")
+    assert f"id: {before}\ndata: before\n\n".encode() in data
+    log = server.log()
+    assert "lost its subscription" in log and "reconnected" in log
+    for s in socks:
+        s.close()

@@ -1,0 +1,230 @@
+"""The Redis bus: one publish reaches every subscriber of every worker and host.
+
+How it uses Redis (redis-py, with hiredis when installed):
+
+- **ids**: one counter (``INCR {prefix}id``) for the whole deployment, so ids
+  are ordered per channel -- and across channels -- on every worker and host.
+- **publish**: one Lua script, atomic in Redis: take the next id, append the
+  message to the channel's stream (``XADD {prefix}s:{channel} MAXLEN n``, the
+  shared replay history), and ``PUBLISH`` it on ``{prefix}c:{channel}``.
+  Because the three happen as one, every worker receives messages in id order,
+  and a message is in the history before anyone can receive it.
+- **fan-out**: each worker keeps one pub/sub connection (a greenlet reading
+  it) and subscribes to a channel while it has local subscribers; the reactor
+  fans each message out locally. The reactor holds a connection back until
+  Redis confirms its channel's subscription, then replays from the stream, so
+  nothing published meanwhile is lost (see ``reactor._subscribe``).
+- **replay**: ``XRANGE`` on the channels' streams, after the client's id. A
+  stream is capped by count (``MAXLEN``); messages older than the history age
+  are treated as gone. The publish script records the newest id it trimmed
+  (``{prefix}ev:{channel}``): a client whose id is below it has missed
+  something, and the replay reports a gap.
+- **outages**: ``publish`` raises :class:`~wsgi_hijack.bus.BusUnavailable`
+  (the demo answers ``503``); held connections stay open and keep their
+  heartbeats; the listener reconnects with exponential backoff, subscribes
+  again, and the reactor replays what it missed from the streams. For replay
+  to survive a Redis restart, Redis must persist (``appendonly yes``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import gevent
+
+from . import config
+from .bus import BusUnavailable, Message, Replay, check_channel, check_data, check_event
+
+log = logging.getLogger("wsgi_hijack.bus")
+
+try:
+    import redis
+    from redis.exceptions import RedisError
+except ImportError:  # pragma: no cover - only without the [redis] extra
+    redis = None
+    RedisError = OSError
+
+# KEYS: counter, stream, pub/sub channel, "evicted" marker. ARGV: data, event, time, maxlen.
+# Before the stream drops its oldest entries, remember the newest id dropped:
+# a client whose last id is below it has missed something (a gap).
+_PUBLISH = """
+local id = redis.call('INCR', KEYS[1])
+local over = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[4]) + 1
+if over > 0 then
+  local dropped = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', over)
+  redis.call('SET', KEYS[4], dropped[#dropped][1])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], id .. '-0', 'd', ARGV[1], 'e', ARGV[2], 't', ARGV[3])
+redis.call('PUBLISH', KEYS[3], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[1])
+return id
+"""
+
+
+class RedisBus:
+    """A bus shared by every worker and host connected to the same Redis."""
+
+    def __init__(self, url: str, prefix: str = "wsgi_hijack:", history_size: int | None = None,
+                 history_age: float | None = None, max_message: int | None = None) -> None:
+        if redis is None:
+            raise RuntimeError("the Redis bus needs redis-py: pip install 'wsgi_hijack[redis]'")
+        self.url = url
+        self.prefix = prefix
+        self.history_size = history_size or config.history_size()
+        self.history_age = history_age or config.history_age()
+        self.max_message = max_message or config.max_message()
+        # Short timeouts: a publish must fail fast and loudly when Redis is gone.
+        self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
+                                            decode_responses=False)
+        self._publish_script = self._client.register_script(_PUBLISH)
+        self._wanted: set[str] = set()
+        self._pubsub: Any = None
+        self._listener: gevent.Greenlet | None = None
+        self._reactor: Any = None
+
+    def _key(self, kind: str, channel: str = "") -> str:
+        return f"{self.prefix}{kind}{channel}"
+
+    # -- publishing, from any greenlet -------------------------------------------
+
+    def publish(self, channel: str, data: str | bytes, event: str | None = None) -> int:
+        check_channel(channel)
+        event = check_event(event)
+        data = check_data(data, self.max_message)
+        try:
+            return int(self._publish_script(
+                keys=[self._key("id"), self._key("s:", channel), self._key("c:", channel),
+                      self._key("ev:", channel)],
+                args=[data.encode("utf-8"), (event or "").encode(), repr(time.time()),
+                      self.history_size]))
+        except (RedisError, OSError) as exc:
+            raise BusUnavailable(f"cannot publish to {channel!r}: Redis at {self.url} "
+                                 f"is unavailable ({exc})") from exc
+
+    def last_id(self) -> int:
+        try:
+            return int(self._client.get(self._key("id")) or 0)
+        except (RedisError, OSError) as exc:
+            raise BusUnavailable(f"Redis at {self.url} is unavailable ({exc})") from exc
+
+    # -- replay -----------------------------------------------------------------------
+
+    def replay(self, channels: Iterable[str], after: int | None,
+               upto: int | None = None) -> Replay:
+        channels = list(channels)
+        try:
+            last = self.last_id()  # read first: every id up to it is in its stream
+            if upto is None:
+                upto = last
+            if after is None:
+                return Replay([], False, upto)
+            oldest = time.time() - self.history_age
+            found: list[Message] = []
+            gap = after > last
+            for channel in channels:
+                key = self._key("s:", channel)
+                for raw_id, fields in self._client.xrange(key, min=f"({after}-0",
+                                                          max=f"{upto}-0"):
+                    message = _message(channel, raw_id, fields)
+                    if message.time < oldest:
+                        gap = True  # expired by age: gone as far as the client knows
+                        continue
+                    found.append(message)
+                if not gap and self._trimmed_after(channel, after):
+                    gap = True
+        except (RedisError, OSError) as exc:
+            log.warning("replay from Redis failed: %s", exc)
+            return Replay([], True, upto or 0)  # the client is told it may have missed some
+        found.sort(key=lambda m: m.id)
+        return Replay(found, gap, upto)
+
+    def _trimmed_after(self, channel: str, after: int) -> bool:
+        evicted = self._client.get(self._key("ev:", channel))
+        return evicted is not None and int(evicted.split(b"-")[0]) > after
+
+    # -- the worker's subscription -------------------------------------------------
+
+    def start(self, reactor: Any) -> None:
+        """Start listening for the reactor (called from Reactor.start)."""
+        self._reactor = reactor
+        self._listener = gevent.spawn(self._listen)
+
+    def subscribe(self, channel: str) -> bool:
+        self._wanted.add(channel)
+        self._send("subscribe", channel)
+        return False  # live once Redis confirms: the listener tells the reactor
+
+    def unsubscribe(self, channel: str) -> None:
+        self._wanted.discard(channel)
+        self._send("unsubscribe", channel)
+
+    def _send(self, command: str, channel: str) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # not connected: the listener subscribes all wanted channels when it is
+        try:
+            getattr(pubsub, command)(self._key("c:", channel))
+        except (RedisError, OSError) as exc:
+            log.debug("%s %s deferred until Redis is back: %s", command, channel, exc)
+
+    def _listen(self) -> None:
+        from .reactor import BUS_LIVE, BUS_RESYNC
+
+        backoff, connected_before = 0.1, False
+        control = self._key("ctl")
+        prefix = self._key("c:").encode()
+        while self._reactor is not None and self._reactor.running:
+            pubsub = self._client.pubsub()
+            try:
+                pubsub.subscribe(control)  # always one subscription, so listen() can block
+                if connected_before:  # messages may have passed us by meanwhile
+                    self._reactor.dispatch((BUS_RESYNC, None))
+                wanted = list(self._wanted)
+                self._pubsub = pubsub
+                if wanted:
+                    pubsub.subscribe(*[self._key("c:", c) for c in wanted])
+                if connected_before:
+                    log.warning("Redis bus reconnected to %s; %d channels subscribed again",
+                                self.url, len(wanted))
+                connected_before, backoff = True, 0.1
+                for item in pubsub.listen():
+                    kind, name = item["type"], item["channel"]
+                    if not name.startswith(prefix):
+                        continue
+                    channel = name[len(prefix):].decode()
+                    if kind == b"message" or kind == "message":
+                        self._reactor.dispatch(_parse(channel, item["data"]))
+                    elif kind == b"subscribe" or kind == "subscribe":
+                        self._reactor.dispatch((BUS_LIVE, channel))
+            except (RedisError, OSError) as exc:
+                self._pubsub = None
+                log.warning("Redis bus lost its subscription (%s); reconnecting in %.1f s",
+                            exc, backoff)
+            finally:
+                self._pubsub = None
+                try:
+                    pubsub.close()
+                except Exception:
+                    pass
+            gevent.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        self._reactor = None
+        if listener is not None:
+            listener.kill(block=False)
+
+
+def _message(channel: str, raw_id: bytes, fields: dict) -> Message:
+    event = fields.get(b"e") or None
+    return Message(int(raw_id.split(b"-")[0]), channel, fields[b"d"].decode("utf-8"),
+                   event.decode() if event else None, float(fields[b"t"]))
+
+
+def _parse(channel: str, payload: bytes) -> Message:
+    id_, event, stamp, data = payload.split(b"\n", 3)
+    return Message(int(id_), channel, data.decode("utf-8"),
+                   event.decode() if event else None, float(stamp))
