@@ -3,9 +3,12 @@
 Every value can be overridden on the command line or in GUNICORN_CMD_ARGS.
 """
 
+import json
 import logging
 import os
 import resource
+import socket
+import tempfile
 
 bind = os.environ.get("WSGI_HIJACK_BIND", "127.0.0.1:8000")
 worker_class = "gevent"
@@ -45,6 +48,51 @@ def on_starting(server):
             f"wsgi_hijack: {server.cfg.workers} workers need a cross-worker bus: set "
             "WSGI_HIJACK_REDIS_URL (or redis_url in gunicorn.conf.py). If your app never "
             "publishes, set WSGI_HIJACK_ALLOW_LOCAL_BUS=1.")
+    _listen_per_worker(server)
+
+
+# Spreading connections evenly over workers. gunicorn's workers share one
+# listening socket, and whichever wakes first accepts: a busy moment can give
+# one worker far more than its share, and a worker stops at its fd limit.
+# With SO_REUSEPORT each worker gets its own socket on the public address and
+# the kernel spreads new connections over them by hash, evenly. gunicorn's
+# shared socket then moves to a private Unix socket that no client uses (were
+# it in the same SO_REUSEPORT group, connections queued on it, which no worker
+# accepts, would hang). WSGI_HIJACK_REUSEPORT=0 keeps gunicorn's own way.
+reuse_port_per_worker = os.environ.get("WSGI_HIJACK_REUSEPORT", "1") != "0"
+
+
+def _listen_per_worker(server):
+    if server.cfg.workers < 2 or not reuse_port_per_worker:
+        return
+    public = [addr for addr in server.cfg.address if isinstance(addr, tuple)]
+    if not public:
+        return
+    others = [b for b in server.cfg.bind if not _is_tcp(b)]
+    private = f"unix:{tempfile.gettempdir()}/wsgi_hijack-{os.getpid()}.sock"
+    os.environ["WSGI_HIJACK_PUBLIC_BIND"] = json.dumps(public)
+    server.cfg.set("bind", [private, *others])
+    server.log.info("each worker listens on %s with SO_REUSEPORT; gunicorn's shared "
+                    "socket is %s", ", ".join(f"{h}:{p}" for h, p in public), private)
+
+
+def _is_tcp(bind: str) -> bool:
+    return not (bind.startswith("unix:") or bind.startswith("fd://"))
+
+
+def _reuseport_listeners(worker):
+    from gevent import socket as gsocket
+
+    listeners = []
+    for host, port in json.loads(os.environ["WSGI_HIJACK_PUBLIC_BIND"]):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = gsocket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(worker.cfg.backlog)
+        listeners.append(sock)
+    return listeners
 
 
 def post_worker_init(worker):
@@ -59,6 +107,8 @@ def post_worker_init(worker):
             logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(config.log_level())
+    if os.environ.get("WSGI_HIJACK_PUBLIC_BIND"):
+        worker.sockets = _reuseport_listeners(worker)
     get_reactor()
 
 

@@ -12,20 +12,12 @@ from .test_channels import published_id, raw_get, read_until
 
 
 def redis_gunicorn(start_server, redis_server, workers: int = 2, heartbeat: float = 0.5, **kw):
-    return start_server("gunicorn", heartbeat=heartbeat, args=("--workers", str(workers)),
-                        env={"WSGI_HIJACK_REDIS_URL": redis_server.url, **kw})
-
-
-def held_by_pid(server, want: int, timeout: float = 10) -> dict:
-    """Ask /_stats until every worker answered; {pid: held}."""
-    seen: dict[int, int] = {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = server.stats()
-        seen[stats["pid"]] = stats["held"]
-        if len(seen) == want and sum(seen.values()) >= 0:
-            return seen
-    return seen
+    server = start_server("gunicorn", heartbeat=heartbeat, args=("--workers", str(workers)),
+                          env={"WSGI_HIJACK_REDIS_URL": redis_server.url, **kw})
+    # Each worker listens on its own SO_REUSEPORT socket once it has booted:
+    # wait until every one of them answers.
+    wait_total_held(server, workers, 0, timeout=20)
+    return server
 
 
 def open_sse(server, channel: str, count: int, headers: str = "") -> list[socket.socket]:
@@ -146,3 +138,27 @@ def test_redis_outage(start_server, redis_server):
     assert "lost its subscription" in log and "reconnected" in log
     for s in socks:
         s.close()
+
+
+def test_connections_spread_evenly_over_workers(start_server, redis_server):
+    server = redis_gunicorn(start_server, redis_server, workers=2, heartbeat=5)
+    socks = open_sse(server, "spread", 300)
+    seen = wait_total_held(server, 2, 300)
+    # SO_REUSEPORT hashing: about 150 each (a shared socket can give one worker most).
+    assert min(seen.values()) >= 100, seen
+    for s in socks:
+        s.close()
+    assert "with SO_REUSEPORT" in server.log()
+
+
+def test_one_publish_reaches_every_host(start_server, redis_server):
+    hosts = [redis_gunicorn(start_server, redis_server, workers=1) for _ in range(3)]
+    socks = [open_sse(host, "everyone", 5) for host in hosts]
+    for host in hosts:
+        wait_total_held(host, 1, 5)
+    msg = published_id(hosts[1], "everyone", "hello all")
+    for group in socks:
+        for s in group:
+            with s:
+                assert f"id: {msg}\ndata: hello all\n\n".encode() in read_until(
+                    s, b"data: hello all\n\n")
