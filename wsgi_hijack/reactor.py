@@ -53,7 +53,7 @@ from gevent import monkey
 
 from . import config
 from .connection import Connection
-from .protocols.base import Protocol, ProtocolError, framed
+from .protocols.base import ConnectionDone, Protocol, ProtocolError, framed
 
 log = logging.getLogger("wsgi_hijack.reactor")
 
@@ -92,6 +92,8 @@ class Reactor:
         self._inbox: deque[tuple[Connection, bytes, int | None, float | None]] = deque()
         self._outbox: deque[Any] = deque()  # published messages, in id order
         self._subscribers: dict[str, set[Connection]] = {}
+        # connections whose protocol checks the peer is alive each round
+        self._watched: set[Connection] = set()
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._deadline_seq = itertools.count()
         # channel -> subscription confirmations still awaited from the bus (0: live)
@@ -116,6 +118,7 @@ class Reactor:
             "dropped_closed": 0,  # client went away (EOF, reset, write error)
             "dropped_slow": 0,  # client stopped reading; outbuf passed max_buffer
             "dropped_protocol": 0,  # client sent what its protocol refuses
+            "dropped_dead": 0,  # peer failed its protocol's liveness check (missed pongs)
             "completed": 0,  # one-shot responses written and closed
             "messages": 0,  # messages delivered (each to all its subscribers)
             "deliveries": 0,  # frames written to subscribers
@@ -258,6 +261,8 @@ class Reactor:
                 continue
             self._conns[conn.fd] = conn
             self.stats["adopted"] += 1
+            if conn.protocol.checks_liveness:
+                self._watched.add(conn)
             if conn.outbuf:
                 initial, conn.outbuf = conn.outbuf, b""
                 self._write(conn, initial)
@@ -508,10 +513,20 @@ class Reactor:
             reply = conn.protocol.receive_data(data)
         except ProtocolError as exc:
             log.info("closing fd %d: %s", conn.fd, exc)
-            self._drop(conn, "dropped_protocol")
+            self.stats["dropped_protocol"] += 1
+            self._last_words(conn, exc.goodbye)
+            return
+        except ConnectionDone as done:
+            self._last_words(conn, done.goodbye)
             return
         if reply:
             self._write(conn, reply)
+
+    def _last_words(self, conn: Connection, goodbye: bytes) -> None:
+        """Write ``goodbye`` if the client still reads, then close."""
+        if goodbye and conn.fd >= 0:
+            self._write(conn, goodbye)
+        self._finish(conn)
 
     # -- 3. written ----------------------------------------------------------------
 
@@ -551,6 +566,13 @@ class Reactor:
             if beat and conn.fd >= 0:
                 write(conn, beat)
         elapsed = time.perf_counter() - start
+        if self._watched:
+            now = time.monotonic()
+            for conn in list(self._watched):
+                verdict = conn.protocol.liveness(now)
+                if verdict is not None and conn.fd >= 0:
+                    self.stats["dropped_dead"] += 1
+                    self._last_words(conn, verdict)
         self.stats["rounds"] += 1
         self.stats["last_write_run"] = elapsed
         log.info("Number of clients connected: %d, time for entire write run: %.6f s",
@@ -582,6 +604,7 @@ class Reactor:
         if fd < 0:
             return
         del self._conns[fd]
+        self._watched.discard(conn)
         if conn.channels:
             self._unsubscribe(conn)
         try:

@@ -2,11 +2,13 @@
 
 A protocol is sans-IO: it turns events (a heartbeat is due, a message was
 published, the client sent bytes, the server is going away) into bytes, and
-never touches a socket. The reactor does all I/O. Protocols keep no
+never touches a socket. The reactor does all I/O. Most protocols keep no
 per-connection state, so one instance serves every connection that speaks
 it: its heartbeat is one ``bytes`` object written to all, and a message is
 framed once per protocol (cached on the message) whatever the number of
-subscribers.
+subscribers. A protocol that does keep state per connection (WebSocket: its
+parser, its pongs) points ``framer`` at one shared instance, so messages are
+still framed once for all.
 """
 
 from __future__ import annotations
@@ -18,7 +20,21 @@ if TYPE_CHECKING:
 
 
 class ProtocolError(Exception):
-    """The client broke the protocol; the reactor closes its connection."""
+    """The client broke the protocol; the reactor writes ``goodbye`` (for
+    instance a close frame with the reason), then closes the connection."""
+
+    def __init__(self, reason: str, goodbye: bytes = b"") -> None:
+        super().__init__(reason)
+        self.goodbye = goodbye
+
+
+class ConnectionDone(Exception):
+    """The conversation ended normally (a close handshake): write ``goodbye``,
+    then close once it is flushed."""
+
+    def __init__(self, goodbye: bytes = b"") -> None:
+        super().__init__("connection done")
+        self.goodbye = goodbye
 
 
 class Protocol:
@@ -31,6 +47,13 @@ class Protocol:
     #: True when one delivery completes the response (long-poll): the
     #: connection then takes no more messages and closes once it is flushed.
     one_shot = False
+    #: True when the reactor must ask liveness() each heartbeat round.
+    checks_liveness = False
+
+    @property
+    def framer(self) -> Protocol:
+        """The shared instance whose frame() makes this protocol's bytes."""
+        return self
 
     def receive_data(self, data: bytes) -> bytes | None:
         """The client sent ``data``. Return bytes to answer with, or None.
@@ -51,11 +74,16 @@ class Protocol:
         """For protocols held with a deadline: the response when it passes."""
         return b""
 
+    def liveness(self, now: float) -> bytes | None:
+        """None while the peer is alive; else last bytes to write before closing."""
+        return None
+
 
 def framed(protocol: Protocol, message: Message) -> bytes:
     """``protocol.frame(message)``, computed once per message and protocol."""
+    framer = protocol.framer
     frames = message.frames
-    data = frames.get(protocol)
+    data = frames.get(framer)
     if data is None:
-        data = frames[protocol] = protocol.frame(message)
+        data = frames[framer] = framer.frame(message)
     return data
