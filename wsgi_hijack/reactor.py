@@ -49,7 +49,9 @@ from typing import Any
 
 import gevent
 import gevent.event
+import greenlet
 from gevent import monkey
+from gevent._hub_local import get_hub_if_exists
 
 from . import config
 from .connection import Connection
@@ -73,6 +75,8 @@ _READ_SIZE = 65536
 BUS_LIVE = "live"
 BUS_RESYNC = "resync"
 
+# The real thread id even under monkeypatching (where threading's is per greenlet).
+_thread_ident = monkey.get_original("_thread", "get_ident")
 _write = os.write
 _read = os.read
 
@@ -147,8 +151,8 @@ class Reactor:
         start_bus = getattr(self.bus, "start", None)
         if start_bus is not None:
             start_bus(self)
-        hub = gevent.get_hub()
-        self._hub_thread = threading.get_ident()
+        hub = self._hub = gevent.get_hub()
+        self._hub_thread = _thread_ident()
         self._epoll = _epoll()
         self._wake = gevent.event.Event()
         self._io_watcher = hub.loop.io(self._epoll.fileno(), 1)
@@ -165,9 +169,25 @@ class Reactor:
     def running(self) -> bool:
         return self._running
 
-    def close(self, goodbye: bool = True) -> None:
-        """Say each protocol's goodbye (best effort, never blocking) and close all."""
+    def close(self, goodbye: bool = True, timeout: float = 5.0) -> None:
+        """Say each protocol's goodbye (best effort, never blocking) and close all.
+
+        From another thread (a reactor in its own thread), the work is handed
+        to the reactor's thread and waited for, at most ``timeout`` seconds.
+        """
         if not self._running:
+            return
+        if _thread_ident() != self._hub_thread:
+            done = monkey.get_original("threading", "Event")()
+
+            def close_here() -> None:
+                try:
+                    self.close(goodbye)
+                finally:
+                    done.set()
+
+            self._hub.loop.run_callback_threadsafe(close_here)
+            done.wait(timeout)
             return
         self._running = False
         self._adopt()
@@ -634,16 +654,22 @@ def _ignore_sigpipe() -> None:
 
 
 _reactor: Reactor | None = None
-_reactor_lock = threading.Lock()
+# A real lock even under monkeypatching: OS threads may race to start it.
+_reactor_lock = monkey.get_original("threading", "Lock")()
 
 
-def get_reactor() -> Reactor:
-    """This process's reactor, started on first use in the calling gevent hub.
+def get_reactor(own_thread: bool | None = None) -> Reactor:
+    """This process's reactor, started on first use.
 
-    Call it from the thread that serves requests (a request greenlet, or a
-    worker hook such as gunicorn's ``post_worker_init``). A reactor inherited
-    across ``fork`` is abandoned and a new one started: the reactor always
-    starts after the fork, never before.
+    Where it runs: in the calling thread's gevent hub when the caller is part
+    of a gevent server (a request greenlet, or gunicorn's gevent worker in
+    ``post_worker_init``); otherwise -- servers whose handlers are OS threads,
+    like gunicorn's sync and gthread workers, Werkzeug or wsgiref -- in a
+    gevent hub of its own, in a daemon thread, so that nothing in the app needs
+    monkeypatching. ``own_thread`` forces the choice.
+
+    A reactor inherited across ``fork`` is abandoned and a new one started:
+    the reactor always starts after the fork, never before.
     """
     global _reactor
     reactor = _reactor
@@ -654,8 +680,41 @@ def get_reactor() -> Reactor:
             _abandon(_reactor)
             _reactor = None
         if _reactor is None or not _reactor.running:
-            _reactor = Reactor().start()
+            if own_thread is None:
+                own_thread = not _in_gevent_server()
+            _reactor = _start_in_own_thread() if own_thread else Reactor().start()
         return _reactor
+
+
+def _in_gevent_server() -> bool:
+    hub = get_hub_if_exists()
+    if hub is None:
+        return False
+    return monkey.is_module_patched("socket") or greenlet.getcurrent().parent is hub
+
+
+def _start_in_own_thread() -> Reactor:
+    started = monkey.get_original("threading", "Event")()
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            reactor = Reactor().start()
+        except BaseException as exc:
+            box.append(exc)
+            started.set()
+            raise
+        box.append(reactor)
+        started.set()
+        reactor._greenlet.join()  # runs this thread's hub for as long as it lives
+
+    thread_class = monkey.get_original("threading", "Thread")
+    thread_class(target=run, name="wsgi_hijack-reactor", daemon=True).start()
+    started.wait()
+    if isinstance(box[0], BaseException):
+        raise RuntimeError("the reactor thread failed to start") from box[0]
+    log.debug("reactor runs in its own thread")
+    return box[0]
 
 
 def current_reactor() -> Reactor | None:

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import gevent
+from gevent import monkey
 
 from . import config
 from .bus import BusUnavailable, Message, Replay, check_channel, check_data, check_event
@@ -149,7 +150,15 @@ class RedisBus:
     def start(self, reactor: Any) -> None:
         """Start listening for the reactor (called from Reactor.start)."""
         self._reactor = reactor
-        self._listener = gevent.spawn(self._listen)
+        if monkey.is_module_patched("socket"):
+            self._sleep = gevent.sleep
+            self._listener = gevent.spawn(self._listen)
+        else:
+            # Without monkeypatching redis-py blocks: listen in an OS thread of
+            # its own, which hands messages to the reactor thread-safely.
+            self._sleep = time.sleep
+            thread_class = monkey.get_original("threading", "Thread")
+            thread_class(target=self._listen, name="wsgi_hijack-redis", daemon=True).start()
 
     def subscribe(self, channel: str) -> bool:
         self._wanted.add(channel)
@@ -208,7 +217,7 @@ class RedisBus:
                     pubsub.close()
                 except Exception:
                     pass
-            gevent.sleep(backoff)
+            self._sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
     def close(self) -> None:
@@ -216,6 +225,7 @@ class RedisBus:
         self._reactor = None
         if listener is not None:
             listener.kill(block=False)
+        # (A listener thread ends at its next message or reconnect: no reactor.)
 
 
 def _message(channel: str, raw_id: bytes, fields: dict) -> Message:
