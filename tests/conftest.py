@@ -96,7 +96,8 @@ def start_server(tmp_path):
     servers: list[Server] = []
 
     def start(kind: str, heartbeat: float = 0.5, app: str = "tests.apps:app",
-              args: tuple[str, ...] = (), env: dict | None = None) -> Server:
+              args: tuple[str, ...] = (), env: dict | None = None,
+              nofile: int | None = None) -> Server:
         port = free_port()
         extra_env = env
         env = server_env(heartbeat)
@@ -112,6 +113,8 @@ def start_server(tmp_path):
             argv = [sys.executable, str(ROOT / "tests" / "pywsgi_server.py"), str(port)]
         else:
             raise ValueError(kind)
+        if nofile is not None:  # the server's own fd limit, soft and hard
+            argv = ["bash", "-c", f'ulimit -n {nofile} && exec "$@"', "server", *argv]
         server = Server(argv, port, env, tmp_path)
         servers.append(server)
         return server

@@ -78,3 +78,21 @@ def redis_url() -> str | None:
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"WSGI_HIJACK_REDIS_URL={url!r}: expected redis://, rediss:// or unix://")
     return url or None
+
+
+def fd_reserve() -> int:
+    """File descriptors kept free for ordinary requests and files:
+    ``WSGI_HIJACK_FD_RESERVE``, default 100."""
+    return int(_positive("WSGI_HIJACK_FD_RESERVE", 100, int))
+
+
+def max_connections() -> int | None:
+    """Held connections per worker at most: ``WSGI_HIJACK_MAX_CONNECTIONS``;
+    default: the fd limit minus the reserve."""
+    return int(_positive("WSGI_HIJACK_MAX_CONNECTIONS", 0, int)) or None
+
+
+def max_per_ip() -> int | None:
+    """Held connections per client address at most: ``WSGI_HIJACK_MAX_PER_IP``;
+    default off (see wsgi_hijack.admission for when to turn it on)."""
+    return int(_positive("WSGI_HIJACK_MAX_PER_IP", 0, int)) or None

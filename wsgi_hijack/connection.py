@@ -13,7 +13,7 @@ from .protocols.base import Protocol
 
 
 class Connection:
-    __slots__ = ("fd", "protocol", "outbuf", "channels", "closing", "__weakref__")
+    __slots__ = ("fd", "protocol", "outbuf", "channels", "closing", "ip", "__weakref__")
 
     def __init__(self, fd: int, protocol: Protocol) -> None:
         #: The client's socket fd, owned by the reactor; -1 once closed.
@@ -25,6 +25,8 @@ class Connection:
         self.channels: tuple[str, ...] = ()
         #: Its response is complete: close it once outbuf is flushed.
         self.closing = False
+        #: The client address, kept only when a per-address cap is set.
+        self.ip: str | None = None
 
     @property
     def closed(self) -> bool:

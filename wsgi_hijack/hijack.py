@@ -49,6 +49,16 @@ class HijackError(RuntimeError):
     """A hijack that cannot be done as asked; the message says what to change."""
 
 
+class HijackRefused(HijackError):
+    """No room for one more held connection (see wsgi_hijack.admission). If the
+    app lets it propagate, or answers anything else, the middleware answers
+    the refusal's 503 or 429 with Retry-After."""
+
+    def __init__(self, refusal: Any) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
+
+
 class HijackedSocket:
     """The raw client connection, as a socket, after a hijack.
 
@@ -58,11 +68,14 @@ class HijackedSocket:
     the wrapped socket's own method.
     """
 
-    __slots__ = ("_sock", "_pending")
+    __slots__ = ("_sock", "_pending", "peer_ip")
 
-    def __init__(self, sock: socket.socket, pending: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket, pending: bytes = b"",
+                 peer_ip: str | None = None) -> None:
         self._sock = sock
         self._pending = pending
+        #: The client's address as the server saw it (REMOTE_ADDR).
+        self.peer_ip = peer_ip
 
     @property
     def pending(self) -> bytes:
@@ -128,7 +141,8 @@ class _Request:
     """The hijack state of one request, between the middleware and the app."""
 
     __slots__ = ("environ", "server_start_response", "server", "hijacked",
-                 "status", "headers", "partial_callback", "forwarded", "server_write")
+                 "status", "headers", "partial_callback", "forwarded", "server_write",
+                 "refusal")
 
     def __init__(self, environ: dict, start_response: StartResponse,
                  server: ServerConnection | None) -> None:
@@ -140,6 +154,15 @@ class _Request:
         self.headers: list[tuple[str, str]] | None = None
         self.partial_callback: Callable[[HijackedSocket], None] | None = None
         self.forwarded = False
+        self.refusal: Any = None
+
+    def _admit(self) -> None:
+        from .reactor import get_reactor
+
+        refusal = get_reactor().admit(self.environ.get("REMOTE_ADDR"))
+        if refusal is not None:
+            self.refusal = refusal
+            raise HijackRefused(refusal)
 
     # start_response is held back until we know the app did not hijack: a
     # server like pywsgi writes the head by itself once it has a status.
@@ -169,9 +192,10 @@ class _Request:
             raise HijackError("the connection was already hijacked")
         if self.forwarded:
             raise HijackError("the response was already started; hijack before writing")
+        self._admit()
         self.hijacked = True
         sock, pending = self.server.take()
-        return HijackedSocket(sock, pending)
+        return HijackedSocket(sock, pending, self.environ.get("REMOTE_ADDR"))
 
     def partial_hijack(self, callback: Callable[[HijackedSocket], None]) -> list[bytes]:
         if self.server is None:
@@ -182,6 +206,7 @@ class _Request:
             raise HijackError("the connection was already hijacked")
         if not callable(callback):
             raise HijackError(f"partial_hijack needs a callable, got {callback!r}")
+        self._admit()
         self.partial_callback = callback
         self.hijacked = True
         return []
@@ -202,7 +227,13 @@ class HijackMiddleware:
         environ[HIJACKABLE] = server is not None
         environ[HIJACK] = request.full_hijack
         environ[PARTIAL_HIJACK] = request.partial_hijack
-        result = self.app(environ, request.start_response)
+        try:
+            result = self.app(environ, request.start_response)
+        except HijackRefused:
+            result = []
+        if request.refusal is not None and not request.hijacked:
+            _close_quietly(result)
+            return _refuse(request, start_response)
         if not request.hijacked:
             request.forward()
             return result
@@ -215,7 +246,7 @@ class HijackMiddleware:
                 raise HijackError("partial hijack without start_response(status, headers): "
                                   "there is no head to write")
             head = encode_head(request.status, request.headers or [])
-            sock = HijackedSocket(*server.take())
+            sock = HijackedSocket(*server.take(), environ.get("REMOTE_ADDR"))
             try:
                 sock.sendall(head)
             except OSError as exc:
@@ -224,6 +255,15 @@ class HijackMiddleware:
             else:
                 request.partial_callback(sock)
         return server.finish(request.status)
+
+
+def _refuse(request: _Request, start_response: StartResponse) -> list[bytes]:
+    refusal = request.refusal
+    log.info("hijack refused: %s", refusal.reason)  # counted in stats["refused"]
+    body = (refusal.reason + "\n").encode()
+    start_response(refusal.status, [("Content-Type", "text/plain; charset=utf-8"),
+                                    ("Content-Length", str(len(body))), *refusal.headers()])
+    return [body]
 
 
 def _close_quietly(result: Iterable[bytes]) -> None:

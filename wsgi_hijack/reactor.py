@@ -54,6 +54,7 @@ from gevent import monkey
 from gevent._hub_local import get_hub_if_exists
 
 from . import config
+from .admission import Admission, Refusal
 from .connection import Connection
 from .protocols.base import ConnectionDone, Protocol, ProtocolError, framed
 
@@ -112,6 +113,10 @@ class Reactor:
         self._skip: dict[Connection, int] = {}
         #: The bus whose history serves replays; set at start() if not given.
         self.bus: Any = None
+        self.admission = Admission()
+        # client address -> held connections, only with a per-address cap
+        self._per_ip: dict[str, int] = {}
+        self._per_ip_lock = monkey.get_original("threading", "Lock")()
         #: Id of the last message delivered to subscribers.
         self.delivered_upto = 0
         self._epoll: Any = None
@@ -119,6 +124,7 @@ class Reactor:
         self._running = False
         self.stats = {
             "adopted": 0,
+            "refused": 0,  # hijacks refused by admission (503 full, 429 per address)
             "dropped_closed": 0,  # client went away (EOF, reset, write error)
             "dropped_slow": 0,  # client stopped reading; outbuf passed max_buffer
             "dropped_protocol": 0,  # client sent what its protocol refuses
@@ -232,12 +238,35 @@ class Reactor:
         conn = Connection(fd, protocol)
         conn.outbuf = initial
         conn.channels = tuple(channels)
+        if self.admission.max_per_ip:
+            ip = getattr(sock, "peer_ip", None)
+            if ip:
+                conn.ip = ip
+                with self._per_ip_lock:
+                    self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         self._inbox.append((conn, pending, last_id, timeout))
         self._async.send()  # wakes the hub, from this thread or any other
         return conn
 
     def __len__(self) -> int:
         return len(self._conns)
+
+    def _forget_ip(self, conn: Connection) -> None:
+        with self._per_ip_lock:
+            left = self._per_ip.get(conn.ip, 1) - 1
+            if left > 0:
+                self._per_ip[conn.ip] = left
+            else:
+                self._per_ip.pop(conn.ip, None)
+        conn.ip = None
+
+    def admit(self, ip: str | None = None) -> Refusal | None:
+        """May one more connection be held? Thread-safe; None means yes."""
+        held = len(self._conns) + len(self._inbox)
+        refusal = self.admission.check(held, self._per_ip.get(ip, 0) if ip else 0)
+        if refusal is not None:
+            self.stats["refused"] += 1
+        return refusal
 
     # -- the loop ----------------------------------------------------------------
 
@@ -277,6 +306,8 @@ class Reactor:
                 self._epoll.register(conn.fd, _READ_MASK)
             except OSError as exc:
                 log.warning("cannot watch fd %d, closing it: %s", conn.fd, exc)
+                if conn.ip is not None:
+                    self._forget_ip(conn)
                 _close_fd(conn)
                 continue
             self._conns[conn.fd] = conn
@@ -625,6 +656,8 @@ class Reactor:
             return
         del self._conns[fd]
         self._watched.discard(conn)
+        if conn.ip is not None:
+            self._forget_ip(conn)
         if conn.channels:
             self._unsubscribe(conn)
         try:
