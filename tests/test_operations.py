@@ -84,3 +84,96 @@ def test_per_address_cap_answers_429(start_server):
     for sock in [s, other] + [m[0] for m in mine[1:]]:
         sock.close()
     assert "Traceback" not in server.log()
+
+
+class ReconnectingSSE:
+    """An EventSource-like raw client: on close, reconnects with Last-Event-ID."""
+
+    def __init__(self, port: int, channel: str) -> None:
+        self.port, self.channel = port, channel
+        self.ids: list[int] = []
+        self.reconnects = 0
+        self.goodbyes = 0
+        self.stop = False
+        import threading
+
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop:
+            last = f"Last-Event-ID: {self.ids[-1]}\r\n" if self.ids else ""
+            try:
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+                s.sendall(f"GET /events?channel={self.channel} HTTP/1.1\r\nHost: x\r\n"
+                          f"{last}\r\n".encode())
+                buf = b""
+                while not self.stop:
+                    try:
+                        data = s.recv(65536)
+                    except TimeoutError:
+                        continue
+                    if not data:
+                        break
+                    buf += data
+                    *blocks, buf = buf.split(b"\n\n")
+                    for block in blocks:
+                        for line in block.split(b"\n"):
+                            if line.startswith(b"id: "):
+                                self.ids.append(int(line[4:]))
+                            elif line == b"retry: 1000":
+                                self.goodbyes += 1
+                s.close()
+            except OSError:
+                pass
+            if not self.stop:
+                self.reconnects += 1
+                time.sleep(0.2)
+
+
+def test_reload_with_hup_loses_nothing(start_server, redis_server):
+    import os
+    import signal
+    import threading
+
+    import httpx
+
+    server = start_server("gunicorn", heartbeat=1,
+                          env={"WSGI_HIJACK_REDIS_URL": redis_server.url})
+    clients = [ReconnectingSSE(server.port, "hup") for _ in range(10)]
+    deadline = time.monotonic() + 10
+    while server.stats()["held"] < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    published: list[int] = []
+
+    def publisher() -> None:
+        for i in range(150):
+            for _ in range(50):  # a publish may meet the switch-over: retry it
+                try:
+                    resp = httpx.post(f"http://127.0.0.1:{server.port}/publish",
+                                      params={"channel": "hup"}, content=f"m{i}", timeout=5)
+                    if resp.status_code == 202:
+                        published.append(resp.json()["id"])
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    time.sleep(1.0)
+    old_pid = server.stats()["pid"]
+    os.kill(server.proc.pid, signal.SIGHUP)  # before, during and after the reload
+    thread.join(60)
+    assert len(published) == 150
+    deadline = time.monotonic() + 15
+    while any(len(c.ids) < 150 for c in clients) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for c in clients:
+        c.stop = True
+    assert server.stats()["pid"] != old_pid  # a new worker serves now
+    for c in clients:
+        assert c.ids == published, (c.reconnects, len(c.ids), len(published), server.log()[-3000:])
+        assert c.reconnects >= 1 and c.goodbyes >= 1

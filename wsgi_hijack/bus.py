@@ -185,8 +185,7 @@ class InProcessBus:
         """
         with self._lock:
             last = self._last_id
-            if upto is None:
-                upto = last
+            upto = last if upto is None else min(upto, last)
             if after is None:
                 return Replay([], False, upto)
             now = time.time()

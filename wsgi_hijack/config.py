@@ -96,3 +96,9 @@ def max_per_ip() -> int | None:
     """Held connections per client address at most: ``WSGI_HIJACK_MAX_PER_IP``;
     default off (see wsgi_hijack.admission for when to turn it on)."""
     return int(_positive("WSGI_HIJACK_MAX_PER_IP", 0, int)) or None
+
+
+def sse_restart_retry_ms() -> int:
+    """The SSE ``retry`` hint written when a worker exits, in milliseconds:
+    ``WSGI_HIJACK_SSE_RESTART_RETRY``, default 1000."""
+    return int(_positive("WSGI_HIJACK_SSE_RESTART_RETRY", 1000, int))

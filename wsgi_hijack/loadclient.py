@@ -55,7 +55,7 @@ def proc_stats(pid: int) -> dict:
         rss = int(f.read().split()[1]) * _PAGE
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     return {"pid": pid, "rss": rss, "fds": fds, "cpu": (utime + stime) / _CLK_TCK,
-            "t": time.monotonic()}
+            "cpu_user": utime / _CLK_TCK, "t": time.monotonic()}
 
 
 def children(pid: int) -> list[int]:
@@ -320,6 +320,7 @@ def _report(url, n, duration, shares, workers, pids, before, mark_sample, end_sa
             cpu_connect_s=m["cpu"] - b["cpu"],
             cpu_per_connection_us=(m["cpu"] - b["cpu"]) / held * 1e6,
             cpu_window_s=cpu_window,
+            cpu_window_user_s=e["cpu_user"] - m["cpu_user"],
             cpu_per_message_us=(cpu_window / window_sum * 1e6) if window_sum else None,
         )
         timeline = [s[i] for s in samples if i < len(s) and not s[i].get("gone")]

@@ -82,6 +82,71 @@ _write = os.write
 _read = os.read
 
 
+_THREADED_MIN = 2000
+_start_thread = monkey.get_original("_thread", "start_new_thread")
+_allocate_lock = monkey.get_original("_thread", "allocate_lock")
+
+
+def _send_threads() -> int:
+    try:
+        return max(1, int(os.environ.get("WSGI_HIJACK_SEND_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+def _raw_beats(conns: list[Connection]) -> list[tuple[Connection, bytes, int | None]]:
+    """One write() of the heartbeat per connection; return what needs the slow path.
+
+    Touches no reactor state, so it may run in any OS thread.
+    """
+    trouble = []
+    write = _write
+    for conn in conns:
+        beat = conn.protocol.heartbeat
+        fd = conn.fd
+        if not beat or fd < 0:
+            continue
+        if conn.outbuf:
+            trouble.append((conn, beat, None))
+            continue
+        try:
+            sent = write(fd, beat)
+        except OSError:  # would block: buffered; an error: dropped (by _write)
+            trouble.append((conn, beat, None))
+            continue
+        if sent != len(beat):
+            trouble.append((conn, beat, sent))
+    return trouble
+
+
+class _Sender:
+    """A real OS thread (not a greenlet, even when monkeypatched) that writes beats."""
+
+    def __init__(self) -> None:
+        self._go = _allocate_lock()
+        self._go.acquire()
+        self._done = _allocate_lock()
+        self._done.acquire()
+        self._work: list[Connection] = []
+        self._trouble: list = []
+        _start_thread(self._loop, ())
+
+    def _loop(self) -> None:
+        while True:
+            self._go.acquire()
+            self._trouble = _raw_beats(self._work)
+            self._done.release()
+
+    def start(self, conns: list[Connection]) -> None:
+        self._work = conns
+        self._go.release()
+
+    def join(self) -> list:
+        self._done.acquire()
+        self._work = []
+        return self._trouble
+
+
 class Reactor:
     """Holds hijacked connections and writes heartbeats to all of them."""
 
@@ -93,6 +158,7 @@ class Reactor:
         if self.heartbeat_interval <= 0 or self.max_buffer <= 0:
             raise ValueError("heartbeat and max_buffer must be positive")
         self.pid = os.getpid()
+        self._senders = [_Sender() for _ in range(_send_threads() - 1)]
         self._conns: dict[int, Connection] = {}
         self._inbox: deque[tuple[Connection, bytes, int | None, float | None]] = deque()
         self._outbox: deque[Any] = deque()  # published messages, in id order
@@ -111,6 +177,8 @@ class Reactor:
         self._waiting: dict[Connection, int | None] = {}
         # connection -> id up to which its replay already covered live messages
         self._skip: dict[Connection, int] = {}
+        # channel -> the bus's last id when its subscription went live
+        self._live_from: dict[str, int] = {}
         #: The bus whose history serves replays; set at start() if not given.
         self.bus: Any = None
         self.admission = Admission()
@@ -198,11 +266,18 @@ class Reactor:
         self._running = False
         self._adopt()
         for conn in list(self._conns.values()):
-            if goodbye and conn.protocol.goodbye and not conn.outbuf:
-                try:
-                    _write(conn.fd, conn.protocol.goodbye)
-                except OSError:
-                    pass
+            protocol = conn.protocol
+            if goodbye and not conn.closing:
+                # A long-poll gets its (empty) answer, so it polls again at once;
+                # streams get their protocol's goodbye (SSE: a retry hint;
+                # chunked: the last chunk; WebSocket: a close frame).
+                last = protocol.timeout(self.delivered_upto) if protocol.one_shot \
+                    else protocol.goodbye
+                if last or conn.outbuf:
+                    try:  # one non-blocking write: whatever the kernel takes
+                        _write(conn.fd, conn.outbuf + last)
+                    except OSError:
+                        pass
             self._drop(conn, None)
         close_bus = getattr(self.bus, "close", None)
         if close_bus is not None:
@@ -250,6 +325,28 @@ class Reactor:
 
     def __len__(self) -> int:
         return len(self._conns)
+
+    def drop_all(self) -> int:
+        """Close every held connection now, with no goodbye, as a network failure
+        would; the reactor goes on, and clients reconnect (SSE with its
+        Last-Event-ID). For tests and operators; any thread. Returns how many."""
+        if _thread_ident() != self._hub_thread:
+            done, dropped = monkey.get_original("threading", "Event")(), []
+
+            def drop_here() -> None:
+                try:
+                    dropped.append(self.drop_all())
+                finally:
+                    done.set()
+
+            self._hub.loop.run_callback_threadsafe(drop_here)
+            done.wait(5.0)
+            return dropped[0] if dropped else 0
+        self._adopt()
+        conns = list(self._conns.values())
+        for conn in conns:
+            self._drop(conn, None)
+        return len(conns)
 
     def _forget_ip(self, conn: Connection) -> None:
         with self._per_ip_lock:
@@ -341,9 +438,14 @@ class Reactor:
         # Replay up to the last delivered message, then subscribe: messages
         # after it are still in the outbox and reach the connection through
         # _deliver, so it gets each exactly once.
+        # A channel that went live recently had messages published before its
+        # subscription that never pass through _deliver: read up to where it
+        # went live (the skip in _join drops what then also arrives live).
+        upto = self.delivered_upto
+        if self._live_from:
+            upto = max(upto, *(self._live_from.get(c, 0) for c in conn.channels))
         # (0: nothing delivered yet and the bus's position unknown: read it all.)
-        self._join(conn, self.bus.replay(conn.channels, last_id,
-                                         upto=self.delivered_upto or None))
+        self._join(conn, self.bus.replay(conn.channels, last_id, upto=upto or None))
 
     def _join(self, conn: Connection, replay: Any) -> None:
         opening = conn.protocol.opening(replay)
@@ -417,10 +519,13 @@ class Reactor:
             else:
                 batch.append(item)
         self._deliver_batch(batch)
+        upto = self.delivered_upto
         if self._skip:
-            upto = self.delivered_upto
             for conn in [c for c, last in self._skip.items() if last <= upto]:
                 del self._skip[conn]
+        if self._live_from:
+            for channel in [c for c, last in self._live_from.items() if last <= upto]:
+                del self._live_from[channel]
 
     def _deliver_batch(self, batch: list[Any]) -> None:
         if not batch:
@@ -464,6 +569,11 @@ class Reactor:
             if not awaited:
                 return
             self._bus_channels[channel] = awaited - 1
+            if awaited == 1:
+                try:
+                    self._live_from[channel] = self.bus.last_id()
+                except Exception:
+                    self._live_from[channel] = 1 << 62  # unknown: replays read to the end
             if any(self._bus_channels.values()):
                 return
             if self._resyncing is not None:
@@ -613,22 +723,24 @@ class Reactor:
         # loopback), so the Python around it is kept to a few attribute loads.
         # Anything unusual (bytes already waiting, a full send buffer, an
         # error, a partial write) goes to _write, which buffers or drops.
+        senders = self._senders
+        if senders and len(conns) >= _THREADED_MIN:
+            # Experiment (WSGI_HIJACK_SEND_THREADS=K): spread the round over K OS
+            # threads; write() releases the GIL. The helpers only write; what
+            # they could not, the reactor's thread handles after the join.
+            k = len(senders) + 1
+            step = -(-len(conns) // k)
+            for i, sender in enumerate(senders, 1):
+                sender.start(conns[i * step:(i + 1) * step])
+            trouble = _raw_beats(conns[:step])
+            for sender in senders:
+                trouble += sender.join()
+        else:
+            trouble = _raw_beats(conns)
         slow = self._write
-        write = _write
-        for conn in conns:
-            beat = conn.protocol.heartbeat
-            if not beat or conn.fd < 0:
-                continue
-            if conn.outbuf:
-                slow(conn, beat)
-                continue
-            try:
-                sent = write(conn.fd, beat)
-            except OSError:
-                slow(conn, beat)  # would block: buffered; an error: dropped
-                continue
-            if sent != len(beat):
-                slow(conn, beat[sent:])
+        for conn, beat, sent in trouble:
+            if conn.fd >= 0:
+                slow(conn, beat if sent is None else beat[sent:])
 
     def heartbeat_round(self) -> float:
         """Write every connection's heartbeat; return the write run's seconds."""

@@ -117,8 +117,7 @@ class RedisBus:
         channels = list(channels)
         try:
             last = self.last_id()  # read first: every id up to it is in its stream
-            if upto is None:
-                upto = last
+            upto = last if upto is None else min(upto, last)
             if after is None:
                 return Replay([], False, upto)
             oldest = time.time() - self.history_age

@@ -6,13 +6,17 @@ returns. It checks the request, hijacks the connection and hands it to the
 reactor, subscribed to ``channels``; or, when the request is bad, answers a
 ``400`` with the reason and takes nothing. On a server that cannot hijack it
 answers ``501`` and logs why.
+
+A framework view (Flask, Django...) has no ``start_response``: it calls
+:func:`framework_response` with one of these functions and returns the
+status, headers and body it gets, in the framework's own response object.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .bus import PublishError, check_channel
 from .hijack import full_hijack, is_hijackable, partial_hijack
@@ -146,3 +150,42 @@ def long_poll_response(environ: dict, start_response, channels: Iterable[str],
     reactor.hold(sock, LONG_POLL, channels=channels, last_id=since,
                  timeout=timeout if timeout is not None else config.poll_timeout())
     return []
+
+
+def framework_response(stream: Callable[..., Iterable[bytes]], environ: dict, *args: object,
+                       **kwargs: object) -> tuple[str, list[tuple[str, str]], Iterator[bytes]]:
+    """Call ``stream`` (:func:`sse_response`, :func:`chunked_response`,
+    :func:`long_poll_response`) from a framework view, which has no
+    ``start_response``; returns ``(status, headers, body)`` for the view to
+    send as the framework's response. In Flask::
+
+        status, headers, body = framework_response(sse_response, request.environ, ["news"])
+        return Response(body, status=status, headers=headers)
+
+    When the connection was taken, the middleware writes the status and the
+    headers as the framework passes them on (with any it adds) and never sends
+    the body. The body is an iterator, not a list, so that the framework sees
+    a stream and does not add a ``Content-Length: 0`` that would end the event
+    stream at once. A bad request gets its ``400`` as usual: status, headers
+    (with ``Content-Length``) and the reason in the body.
+    """
+    head: list = []
+
+    def start_response(status: str, headers: list, exc_info: object = None):
+        head[:] = [status, list(headers)]
+        return _no_write
+
+    result = stream(environ, start_response, *args, **kwargs)
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    if not head:  # a full hijack (long-poll): whatever the framework sends is dropped
+        return "200 OK", [], iter(())
+    return head[0], head[1], iter([body] if body else [])
+
+
+def _no_write(data: bytes) -> None:
+    raise RuntimeError("framework_response: the stream functions do not use write()")

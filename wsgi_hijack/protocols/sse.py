@@ -58,8 +58,13 @@ class ServerSentEvents(Protocol):
     name = "sse"
     heartbeat = b": ping\n\n"
 
-    def __init__(self, retry_ms: int | None = None) -> None:
+    def __init__(self, retry_ms: int | None = None, restart_retry_ms: int | None = None) -> None:
         self.retry_ms = retry_ms if retry_ms is not None else config.sse_retry_ms()
+        if restart_retry_ms is None:
+            restart_retry_ms = config.sse_restart_retry_ms()
+        # Written when the worker exits (restart, reload): reconnect soon, with
+        # Last-Event-ID, to whichever worker takes over.
+        self.goodbye = f"retry: {restart_retry_ms}\n\n".encode()
 
     def frame(self, message: Message) -> bytes:
         return encode_event(message.data, message.event, message.id)
