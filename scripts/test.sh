@@ -5,9 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests run for real: redis-server (the Redis bus tests
-# start and kill their own).
+# start and kill their own), chromium and its WebDriver (tests/test_browser.py
+# drives /usr/bin/chromium through /usr/bin/chromedriver).
 need=()
 command -v redis-server > /dev/null || need+=(redis-server)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if ((${#need[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y --no-install-recommends "${need[@]}" \
