@@ -90,7 +90,9 @@ class Server:
         self.log_path = workdir / f"{kind}-{self.port}.log"
         env = dict(os.environ, WSGI_HIJACK_HEARTBEAT=str(heartbeat), PYTHONUNBUFFERED="1")
         bind = f"127.0.0.1:{self.port}"
-        if kind == "hijack":
+        if kind == "hijack-threads":
+            env["WSGI_HIJACK_SEND_THREADS"] = str(threads)
+        if kind.startswith("hijack"):
             cmd = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
                    "-b", bind, "--no-control-socket", "wsgi_hijack:app"]
         elif kind == "greenlet":
@@ -144,7 +146,7 @@ class Server:
 def measure(kind: str, n: int, args, workdir: Path, floor_exe: Path | None,
             storm: bool = False, duration: float | None = None,
             sample_interval: float = 0.0) -> dict:
-    threads = args.threads if kind == "floor-threads" else 1
+    threads = args.threads if kind.endswith("-threads") else 1
     server = Server(kind, args.heartbeat, workdir, floor_exe, threads)
     try:
         # Warm up (imports, first-request paths), then let those clients go.
@@ -204,7 +206,7 @@ def find(results, kind, n, storm=False):
 
 def targets(results: list[dict], n: int) -> list[tuple[str, str, str, bool | None]]:
     h, g, fl = find(results, "hijack", n), find(results, "greenlet", n), find(results, "floor", n)
-    ft = find(results, "floor-threads", n)
+    ft, ht = find(results, "floor-threads", n), find(results, "hijack-threads", n)
     hs, gs = find(results, "hijack", n, True), find(results, "greenlet", n, True)
     rows = []
     if h:
@@ -234,11 +236,15 @@ def targets(results: list[dict], n: int) -> list[tuple[str, str, str, bool | Non
                      f"{_f(g and g['round_s'] and g['round_s'] * 1e3)} ms)",
                      f"{_f(rr, '{:.2f}')} x floor",
                      None if rr is None else rr <= TARGET_ROUND_VS_FLOOR))
-        if ft:
-            tr = _ratio(ft["round_s"], fl["round_s"])
-            rows.append((f"floor with sends spread over {ft['threads']} OS threads",
-                         f"{_f(ft['round_s'] and ft['round_s'] * 1e3)} ms",
-                         f"{_f(tr, '{:.2f}')} x single-thread floor", None))
+        for t, name in ((ht, "hijack"), (ft, "floor")):
+            if t:
+                base = h if name == "hijack" else fl
+                tr = _ratio(t["round_s"], base["round_s"])
+                rows.append((f"{name} with each round spread over {t['threads']} OS threads",
+                             f"{_f(t['round_s'] and t['round_s'] * 1e3)} ms, CPU "
+                             f"{_f(t['cpu_per_message_us'])} us per heartbeat",
+                             f"{_f(tr, '{:.2f}')} x single-thread {name}, "
+                             f"{_f(_ratio(t['round_s'], fl['round_s']))} x floor", None))
     if hs and gs:
         sr = _ratio(hs["time_to_all_heads_s"], gs["time_to_all_heads_s"])
         cr = _ratio(hs["cpu_per_connection_us"], gs["cpu_per_connection_us"])
@@ -302,7 +308,7 @@ def plot(out: Path, results: list[dict]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in ("hijack", "greenlet", "floor", "floor-threads")
+    kinds = [k for k in ("hijack", "hijack-threads", "greenlet", "floor", "floor-threads")
              if any(r["server"] == k for r in results)]
     paths = []
     for key, fname, ylabel, scale in (
@@ -375,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     ns = [int(x) for x in args.ns.split(",") if x]
     kinds = [k for k in args.servers.split(",") if k]
-    if args.threads > 1 and "floor-threads" not in kinds:
-        kinds.append("floor-threads")
+    if args.threads > 1:
+        kinds += [k for k in ("hijack-threads", "floor-threads") if k not in kinds]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []

@@ -1,0 +1,46 @@
+"""The benchmark, at a small N, so that it keeps working; figures come from full runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_small_run_writes_table_plots_and_json(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--ns", "150,300",
+         "--heartbeat", "0.3", "--min-rounds", "3", "--messages", "300", "--threads", "2",
+         "--soak", "1.5", "--progress", "0", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    runs = data["results"]
+    kinds = {"hijack", "hijack-threads", "greenlet", "floor", "floor-threads"}
+    for n in (150, 300):
+        for kind in kinds:
+            (r,) = [r for r in runs if r["server"] == kind and r["n"] == n and not r["storm"]]
+            assert (r["held"], r["dropped"], r["failed"]) == (n, 0, 0), (kind, n)
+            assert r["messages_min"] >= 1, (kind, n)
+            assert r["rounds_logged"] >= 1 and r["round_s"] > 0, (kind, n)
+            assert r["rss_per_connection"] is not None and r["fds_held"] >= n
+    storms = {r["server"] for r in runs if r["storm"]}
+    assert storms == {"hijack", "greenlet"}
+    assert data["soak"]["held"] == 300 and data["soak"]["report"]["server"][0]["timeline"]
+
+    md = (out / "results.md").read_text()
+    assert "## Targets at N = 300" in md
+    for row in ("server RSS per held connection", "CPU per delivered heartbeat",
+                "heartbeat write run", "reconnect storm", "OS threads"):
+        assert row in md, row
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    for kind in kinds:
+        assert any(line.startswith(f"| {kind} | 300 |") for line in table), kind
+    for png in ("rss_per_connection.png", "heartbeat_round.png", "soak.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
+        assert f"]({png})" in md

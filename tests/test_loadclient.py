@@ -1,0 +1,131 @@
+"""The load client, against the real demo under gunicorn, at a small N."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wsgi_hijack import loadclient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def demo(tmp_path):
+    """The demo under gunicorn with a 0.2 s heartbeat: (url, master pid)."""
+    port = _free_port()
+    env = dict(os.environ, WSGI_HIJACK_HEARTBEAT="0.2")
+    log = open(tmp_path / "gunicorn.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}",
+         "--no-control-socket", "wsgi_hijack:app"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not loadclient.children(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "gunicorn.log").read_text()
+            time.sleep(0.05)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/", proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_holds_all_and_reports_server(demo):
+    url, master = demo
+    n = 300
+    report = loadclient.run(url, n, duration=1.0, gunicorn_master=master, progress=0,
+                            per_process=200)  # two client processes, as at full scale
+    c = report["connections"]
+    assert report["processes"] == 2
+    assert (c["headed"], c["held"], c["dropped"], c["failed"]) == (n, n, 0, 0)
+    assert report["time_to_all_heads"] is not None and report["time_to_all_heads"] > 0
+    window = report["hold"]["messages_per_connection"]
+    assert window["min"] >= 1  # every connection got heartbeats in the hold window
+    total = report["hold"]["messages_per_connection_total"]
+    assert total["min"] >= window["min"] and total["total"] >= window["total"]
+    (server,) = report["server"]
+    assert server["pid"] in loadclient.children(master)
+    assert server["fds_held"] >= server["fds_before"] + n
+    assert server["rss_end"] > 0 and server["rss_per_connection"] is not None
+    assert server["cpu_per_message_us"] is None or server["cpu_per_message_us"] >= 0
+    assert report["latency"] is None  # room for the publish-to-receive latency issue
+    table = loadclient.format_report(report)
+    assert "held at the end" in table and "RSS" in table
+
+
+def test_cli_json_and_exit_status(demo):
+    url, master = demo
+    out = subprocess.run(
+        [sys.executable, "-m", "wsgi_hijack.loadclient", url, "-n", "50", "--duration", "0.5",
+         "--gunicorn-master", str(master), "--json", "--progress", "0.2"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["connections"]["held"] == 50
+    assert report["hold"]["messages_per_connection"]["min"] >= 1
+    assert "[loadclient" in out.stderr  # live progress goes to stderr
+
+
+def test_counts_drops_when_the_server_goes_away(demo):
+    url, master = demo
+    worker = loadclient.children(master)[0]
+    import threading
+
+    def kill_later():
+        time.sleep(1.5)
+        os.kill(worker, signal.SIGKILL)
+
+    threading.Thread(target=kill_later, daemon=True).start()
+    report = loadclient.run(url, 100, duration=3.0, progress=0, retries=0)
+    c = report["connections"]
+    assert c["headed"] == 100
+    assert c["dropped"] == 100 and c["held"] == 0
+
+
+def test_refused_connections_fail_after_retries():
+    port = _free_port()  # nothing listens here
+    report = loadclient.run(f"http://127.0.0.1:{port}/", 5, duration=0, progress=0, retries=2)
+    c = report["connections"]
+    assert (c["failed"], c["held"], c["attempts"]) == (5, 0, 15)
+    assert c["errors"].get("ECONNREFUSED") == 15
+
+
+def test_plan_spreads_processes_and_source_addresses():
+    ports = loadclient.ephemeral_ports()
+    big = loadclient.plan(ports + 1000, "127.0.0.1", 19000, "auto")
+    assert sum(p["n"] for p in big) == ports + 1000
+    assert all(p["n"] <= 19000 for p in big)
+    assert [p["source"] for p in big] == [f"127.0.0.{2 + i}" for i in range(len(big))]
+    small = loadclient.plan(19900, "127.0.0.1", 19000, "auto")
+    assert [p["n"] for p in small] == [9950, 9950] and small[0]["source"] is None
+    assert loadclient.plan(100, "10.0.0.1", 19000, "auto")[0]["source"] is None
+    given = loadclient.plan(30, "127.0.0.1", 10, "127.0.0.7,127.0.0.8")
+    assert [p["source"] for p in given] == ["127.0.0.7", "127.0.0.8", "127.0.0.7"]
