@@ -22,6 +22,21 @@ backlog = 4096
 keepalive = 5
 
 
+# Metrics from every worker (prometheus-client's multiprocess mode): each
+# worker writes its values under this directory and /metrics sums them. It must
+# be set before prometheus_client is imported anywhere, hence here, at load.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wsgi_hijack-metrics-")
+
+
+def child_exit(server, worker):
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:
+        return
+    multiprocess.mark_process_dead(worker.pid)  # its held connections no longer count
+
+
 def _raise_nofile() -> tuple[int, int, int]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

@@ -177,3 +177,40 @@ def test_reload_with_hup_loses_nothing(start_server, redis_server):
     for c in clients:
         assert c.ids == published, (c.reconnects, len(c.ids), len(published), server.log()[-3000:])
         assert c.reconnects >= 1 and c.goodbyes >= 1
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + (("{" + labels + "}") if labels else " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{labels}}} not in:\n{text}")
+
+
+def test_metrics_sum_over_workers(start_server, redis_server):
+    import httpx
+
+    from .test_channels import published_id
+    from .test_redis_bus import open_sse, wait_total_held
+
+    server = start_server("gunicorn", heartbeat=0.3, args=("--workers", "2"),
+                          env={"WSGI_HIJACK_REDIS_URL": redis_server.url})
+    wait_total_held(server, 2, 0, timeout=20)
+    socks = open_sse(server, "metrics", 30)
+    seen = wait_total_held(server, 2, 30)
+    assert all(seen.values()), seen
+    published_id(server, "metrics", "one")
+    time.sleep(1.5)  # counters reach prometheus once a second
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
+    assert _metric(text, "wsgi_hijack_held_connections", 'protocol="sse"') == 30
+    assert _metric(text, "wsgi_hijack_hijacks_total", 'result="accepted"') == 30
+    assert _metric(text, "wsgi_hijack_messages_published_total") == 1
+    assert _metric(text, "wsgi_hijack_messages_delivered_total") == 30
+    assert _metric(text, "wsgi_hijack_write_run_seconds_count") >= 2
+    for s in socks[:10]:
+        s.close()
+    time.sleep(1.5)
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
+    assert _metric(text, "wsgi_hijack_held_connections", 'protocol="sse"') == 20
+    assert _metric(text, "wsgi_hijack_dropped_total", 'reason="closed"') == 10
+    for s in socks[10:]:
+        s.close()

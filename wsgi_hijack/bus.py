@@ -159,6 +159,7 @@ class InProcessBus:
             # Inside the lock, so the reactor receives messages in id order.
             if reactor is not None:
                 reactor.dispatch(message)
+                reactor.stats["published"] += 1
         return message.id
 
     def _trim(self, history: _History, now: float) -> None:

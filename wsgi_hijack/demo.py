@@ -8,6 +8,7 @@ Routes:
 - ``GET /events?channel=C``: Server-Sent Events (``Last-Event-ID`` replays).
 - ``GET /poll?channel=C&since=ID``: long-poll, answered with JSON.
 - ``GET /stream?channel=C``: an HTTP/1.1 chunked stream.
+- ``GET /metrics``: Prometheus metrics, summed over the workers.
 - ``POST /publish?channel=C[&event=E]``: the body is the message; ``202``
   and ``{"id": N}``. With ``WSGI_HIJACK_PUBLISH_TOKEN`` set, it needs
   ``Authorization: Bearer <token>``; without it, only loopback clients may
@@ -115,6 +116,21 @@ def _beep(environ: dict, start_response) -> Iterable[bytes]:
     return partial_hijack(environ, lambda sock: reactor.hold(sock, BEEP))
 
 
+def _metrics(environ: dict, start_response) -> Iterable[bytes]:
+    from .metrics import exposition
+
+    get_reactor()  # so that this worker's values exist
+    found = exposition()
+    if found is None:
+        return plain_response(start_response, "501 Not Implemented",
+                              "metrics need prometheus-client: "
+                              "pip install 'wsgi_hijack[metrics]'\n")
+    body, content_type = found
+    start_response("200 OK", [("Content-Type", content_type),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
 # path -> (allowed methods, handler(environ, start_response, query))
 ROUTES = {
     "/": ("GET", lambda e, s, q: _beep(e, s)),
@@ -123,6 +139,7 @@ ROUTES = {
     "/poll": ("GET", lambda e, s, q: long_poll_response(
         e, s, q.get("channel", []), q.get("since", [""])[0])),
     "/publish": ("POST", _publish),
+    "/metrics": ("GET", lambda e, s, q: _metrics(e, s)),
 }
 
 

@@ -53,7 +53,7 @@ import greenlet
 from gevent import monkey
 from gevent._hub_local import get_hub_if_exists
 
-from . import config
+from . import config, metrics
 from .admission import Admission, Refusal
 from .connection import Connection
 from .protocols.base import ConnectionDone, Protocol, ProtocolError, framed
@@ -78,6 +78,7 @@ BUS_RESYNC = "resync"
 
 # The real thread id even under monkeypatching (where threading's is per greenlet).
 _thread_ident = monkey.get_original("_thread", "get_ident")
+_METRICS_EVERY = 1.0  # seconds between syncs of the counters into prometheus metrics
 _write = os.write
 _read = os.read
 
@@ -182,6 +183,10 @@ class Reactor:
         #: The bus whose history serves replays; set at start() if not given.
         self.bus: Any = None
         self.admission = Admission()
+        self._metrics = metrics.create()
+        self._write_runs: list[float] = []
+        #: protocol name -> connections held
+        self.held_by_protocol: dict[str, int] = {}
         # client address -> held connections, only with a per-address cap
         self._per_ip: dict[str, int] = {}
         self._per_ip_lock = monkey.get_original("threading", "Lock")()
@@ -200,6 +205,8 @@ class Reactor:
             "completed": 0,  # one-shot responses written and closed
             "messages": 0,  # messages delivered (each to all its subscribers)
             "deliveries": 0,  # frames written to subscribers
+            "published": 0,  # messages published through this process
+            "bus_errors": 0,  # publishes or replays the bus could not do
             "rounds": 0,
             "last_write_run": 0.0,
         }
@@ -369,8 +376,11 @@ class Reactor:
 
     def _run(self) -> None:
         next_beat = time.monotonic() + self.heartbeat_interval
+        next_sync = time.monotonic() + _METRICS_EVERY
         while self._running:
             wake_at = next_beat
+            if self._metrics is not None and next_sync < wake_at:
+                wake_at = next_sync
             if self._deadlines and self._deadlines[0][0] < wake_at:
                 wake_at = self._deadlines[0][0]
             self._wake.wait(max(0.0, wake_at - time.monotonic()))
@@ -386,6 +396,13 @@ class Reactor:
                 self._guarded(self.heartbeat_round)
                 # Drift-free, but never try to catch up on missed rounds.
                 next_beat = max(next_beat + self.heartbeat_interval, now)
+            if self._metrics is not None and now >= next_sync:
+                self._guarded(self._sync_metrics)
+                next_sync = now + _METRICS_EVERY
+
+    def _sync_metrics(self) -> None:
+        runs, self._write_runs = self._write_runs, []
+        self._metrics.sync(self.stats, self.held_by_protocol, runs)
 
     def _guarded(self, step: Any) -> None:
         try:
@@ -409,6 +426,8 @@ class Reactor:
                 continue
             self._conns[conn.fd] = conn
             self.stats["adopted"] += 1
+            name = conn.protocol.name
+            self.held_by_protocol[name] = self.held_by_protocol.get(name, 0) + 1
             if conn.protocol.checks_liveness:
                 self._watched.add(conn)
             if conn.outbuf:
@@ -757,6 +776,8 @@ class Reactor:
                     self._last_words(conn, verdict)
         self.stats["rounds"] += 1
         self.stats["last_write_run"] = elapsed
+        if self._metrics is not None:
+            self._write_runs.append(elapsed)
         log.info("Number of clients connected: %d, time for entire write run: %.6f s",
                  len(self._conns), elapsed)
         return elapsed
@@ -786,6 +807,7 @@ class Reactor:
         if fd < 0:
             return
         del self._conns[fd]
+        self.held_by_protocol[conn.protocol.name] -= 1
         self._watched.discard(conn)
         if conn.ip is not None:
             self._forget_ip(conn)

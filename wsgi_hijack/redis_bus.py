@@ -94,15 +94,23 @@ class RedisBus:
         check_channel(channel)
         event = check_event(event)
         data = check_data(data, self.max_message)
+        from .reactor import current_reactor
+
+        reactor = current_reactor()
         try:
-            return int(self._publish_script(
+            message_id = int(self._publish_script(
                 keys=[self._key("id"), self._key("s:", channel), self._key("c:", channel),
                       self._key("ev:", channel)],
                 args=[data.encode("utf-8"), (event or "").encode(), repr(time.time()),
                       self.history_size]))
         except (RedisError, OSError) as exc:
+            if reactor is not None:
+                reactor.stats["bus_errors"] += 1
             raise BusUnavailable(f"cannot publish to {channel!r}: Redis at {self.url} "
                                  f"is unavailable ({exc})") from exc
+        if reactor is not None:
+            reactor.stats["published"] += 1
+        return message_id
 
     def last_id(self) -> int:
         try:

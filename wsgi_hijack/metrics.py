@@ -1,0 +1,98 @@
+"""Prometheus metrics, correct under several gunicorn workers.
+
+The reactor counts in a plain dict on its hot paths (an int increment per
+event) and this module turns the counts into prometheus-client metrics once a
+second, as deltas: the cost per message or per heartbeat stays what it was.
+
+Several workers: prometheus-client's multiprocess mode. ``gunicorn.conf.py``
+points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers
+start (unless it is set already), each worker writes its values there, and
+``/metrics`` on any worker sums them (held connections: the live workers'
+sum). Without prometheus-client installed (``pip install
+'wsgi_hijack[metrics]'``), metrics are off and ``/metrics`` says so.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+try:
+    import prometheus_client
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+except ImportError:  # pragma: no cover - only without the [metrics] extra
+    prometheus_client = None
+
+# stats key -> (counter attribute, label value)
+_DROPS = {"dropped_closed": "closed", "dropped_slow": "slow",
+          "dropped_protocol": "protocol", "dropped_dead": "dead"}
+
+
+class ReactorMetrics:
+    def __init__(self) -> None:
+        self.held = Gauge("wsgi_hijack_held_connections", "Connections held by the reactor",
+                          ["protocol"], multiprocess_mode="livesum")
+        self.hijacks = Counter("wsgi_hijack_hijacks", "Connections offered to the reactor",
+                               ["result"])
+        self.dropped = Counter("wsgi_hijack_dropped", "Held connections dropped", ["reason"])
+        self.completed = Counter("wsgi_hijack_completed",
+                                 "One-shot responses (long-poll) completed")
+        self.write_run = Histogram("wsgi_hijack_write_run_seconds",
+                                   "Seconds of one heartbeat write run over all connections",
+                                   buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25,
+                                            .5, 1, 2.5))
+        self.published = Counter("wsgi_hijack_messages_published",
+                                 "Messages published through this worker")
+        self.delivered = Counter("wsgi_hijack_messages_delivered",
+                                 "Message frames written to subscribers")
+        self.bus_errors = Counter("wsgi_hijack_bus_errors", "Bus operations that failed")
+        self._last: dict[str, float] = {}
+        self._protocols: set[str] = set()
+
+    def _delta(self, stats: dict, key: str) -> float:
+        value = stats.get(key, 0)
+        delta = value - self._last.get(key, 0)
+        self._last[key] = value
+        return delta
+
+    def sync(self, stats: dict, held_by_protocol: dict[str, int],
+             write_runs: list[float]) -> None:
+        for name in self._protocols - set(held_by_protocol):
+            self.held.labels(name).set(0)
+        for name, count in held_by_protocol.items():
+            self.held.labels(name).set(count)
+        self._protocols = set(held_by_protocol)
+        for key, counter, label in (("adopted", self.hijacks, "accepted"),
+                                    ("refused", self.hijacks, "refused")):
+            delta = self._delta(stats, key)
+            if delta:
+                counter.labels(label).inc(delta)
+        for key, reason in _DROPS.items():
+            delta = self._delta(stats, key)
+            if delta:
+                self.dropped.labels(reason).inc(delta)
+        for key, counter in (("completed", self.completed), ("published", self.published),
+                             ("deliveries", self.delivered), ("bus_errors", self.bus_errors)):
+            delta = self._delta(stats, key)
+            if delta:
+                counter.inc(delta)
+        for seconds in write_runs:
+            self.write_run.observe(seconds)
+
+
+def create() -> ReactorMetrics | None:
+    return ReactorMetrics() if prometheus_client is not None else None
+
+
+def exposition() -> tuple[bytes, str] | None:
+    """The text to answer a scrape with, and its content type; None when off."""
+    if prometheus_client is None:
+        return None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry: Any = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = prometheus_client.REGISTRY
+    return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
