@@ -699,6 +699,12 @@ class Reactor:
         except ConnectionDone as done:
             self._last_words(conn, done.goodbye)
             return
+        except Exception:  # a protocol's bug costs its connection, never the reactor
+            log.exception("protocol %s failed on input; closing fd %d", conn.protocol.name,
+                          conn.fd)
+            self.stats["dropped_protocol"] += 1
+            self._drop(conn, None)
+            return
         if reply:
             self._write(conn, reply)
 
