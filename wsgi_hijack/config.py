@@ -102,3 +102,25 @@ def sse_restart_retry_ms() -> int:
     """The SSE ``retry`` hint written when a worker exits, in milliseconds:
     ``WSGI_HIJACK_SSE_RESTART_RETRY``, default 1000."""
     return int(_positive("WSGI_HIJACK_SSE_RESTART_RETRY", 1000, int))
+
+
+def ws_max_message() -> int:
+    """Largest WebSocket message a client may send, in bytes (all its frames
+    together): ``WSGI_HIJACK_WS_MAX_MESSAGE``, default 64 KiB. A bigger one is
+    refused with close code 1009 as soon as its frame header announces it."""
+    return int(_positive("WSGI_HIJACK_WS_MAX_MESSAGE", 64 * 1024, int))
+
+
+def ws_pong_timeout() -> float:
+    """Seconds a WebSocket peer may stay silent (no pong, no frame at all) before
+    it is closed with code 1011: ``WSGI_HIJACK_WS_PONG_TIMEOUT``; default three
+    heartbeat intervals (30 s). Pings go out each heartbeat and liveness is
+    checked right after, so it must be longer than the heartbeat interval."""
+    return _positive("WSGI_HIJACK_WS_PONG_TIMEOUT", 3 * heartbeat_interval())
+
+
+def ws_max_queue() -> int:
+    """Messages from one WebSocket client that may wait for the app's callback:
+    ``WSGI_HIJACK_WS_MAX_QUEUE``, default 64. A client that sends faster than
+    its callback handles them is closed with code 1008."""
+    return int(_positive("WSGI_HIJACK_WS_MAX_QUEUE", 64, int))

@@ -8,6 +8,7 @@ Routes:
 - ``GET /events?channel=C``: Server-Sent Events (``Last-Event-ID`` replays).
 - ``GET /poll?channel=C&since=ID``: long-poll, answered with JSON.
 - ``GET /stream?channel=C``: an HTTP/1.1 chunked stream.
+- ``GET /ws?channel=C``: a WebSocket chat (:mod:`wsgi_hijack.demo_ws`).
 - ``GET /metrics``: Prometheus metrics, summed over the workers.
 - ``POST /publish?channel=C[&event=E]``: the body is the message; ``202``
   and ``{"id": N}``. With ``WSGI_HIJACK_PUBLISH_TOKEN`` set, it needs
@@ -28,6 +29,7 @@ from urllib.parse import parse_qs
 
 from . import config
 from .bus import BusUnavailable, PublishError, publish
+from .demo_ws import ws_route
 from .hijack import HijackMiddleware, partial_hijack
 from .protocols.plain import HEAD_HEADERS, PlainStream
 from .reactor import get_reactor
@@ -139,6 +141,7 @@ ROUTES = {
     "/poll": ("GET", lambda e, s, q: long_poll_response(
         e, s, q.get("channel", []), q.get("since", [""])[0])),
     "/publish": ("POST", _publish),
+    "/ws": ("GET", ws_route),
     "/metrics": ("GET", lambda e, s, q: _metrics(e, s)),
 }
 

@@ -1,0 +1,207 @@
+"""WebSocket for WSGI apps: the RFC 6455 handshake, then the reactor holds it.
+
+From a WSGI app inside :class:`~wsgi_hijack.HijackMiddleware`::
+
+    from wsgi_hijack.websocket import websocket_response
+
+    def on_message(ws, message):          # runs in a greenlet, never the reactor's
+        ws.send(f"you said {message}")    # to this client only
+
+    def app(environ, start_response):
+        return websocket_response(environ, start_response, channels=["chat"],
+                                  on_message=on_message)
+
+What it does, in order:
+
+1. **Checks the handshake** (RFC 6455 section 4.2.1): ``GET``, HTTP/1.1,
+   ``Upgrade: websocket``, ``Connection: upgrade``, a ``Sec-WebSocket-Key``
+   that is 16 bytes in base64, and the channels. Anything wrong is answered
+   ``400`` with the reason. A missing ``Sec-WebSocket-Version`` is a ``400``;
+   a version other than 13 is a ``426 Upgrade Required`` with
+   ``Sec-WebSocket-Version: 13``, as the RFC asks.
+2. **Checks the Origin** before upgrading; refused with ``403``. By default
+   only the same host is allowed: the Origin's ``host[:port]`` must equal the
+   request's ``Host``. ``allowed_origins`` lists more origins
+   (``"https://app.example.com"``, compared case-insensitively) or ``"*"`` for
+   any. A request without an Origin (not a browser: curl, a server, the
+   ``websockets`` library) is allowed: Origin protects browsers' users from
+   other sites' pages, and any other client can send whatever Origin it likes.
+3. **Chooses a subprotocol**: ``select_subprotocol(offered)`` if given (it
+   returns one of the client's offers, or None), else the first of the app's
+   ``subprotocols`` that the client offered (server preference). No match: no
+   ``Sec-WebSocket-Protocol`` header, and the client decides whether to go on.
+4. **Upgrades**: ``101 Switching Protocols`` with ``Sec-WebSocket-Accept``
+   (``wsproto.utilities.generate_accept_token``), written by a partial
+   hijack. No extension is accepted (no permessage-deflate), so a published
+   message is framed once for all subscribers.
+5. **Holds** the socket in the reactor with a :class:`WebSocket` protocol
+   object, subscribed to ``channels`` (after the messages it missed since
+   ``last_id``, if given). From then on see :mod:`wsgi_hijack.protocols.websocket`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from wsproto.utilities import generate_accept_token
+
+from .hijack import is_hijackable, partial_hijack
+from .protocols.websocket import (
+    JSON_FRAMER,
+    TEXT_FRAMER,
+    Endpoint,
+    OnMessage,
+    WebSocket,
+    WebSocketFramer,
+    binary_frame,
+    close_frame,
+    send,
+    text_frame,
+)
+from .reactor import get_reactor
+from .streams import BadRequest, _bad, _unhijackable, check_channels, parse_id, plain_response
+
+__all__ = ["JSON_FRAMER", "TEXT_FRAMER", "Endpoint", "WebSocket", "WebSocketFramer",
+           "binary_frame", "close_frame", "is_websocket_request", "send", "text_frame",
+           "websocket_response"]
+
+WS_VERSION = "13"
+
+
+def _tokens(value: str) -> set[str]:
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+
+def is_websocket_request(environ: dict) -> bool:
+    """The request asks for a WebSocket upgrade (``Upgrade: websocket``)."""
+    return "websocket" in _tokens(environ.get("HTTP_UPGRADE", ""))
+
+
+def check_handshake(environ: dict) -> str:
+    """The checked ``Sec-WebSocket-Key``; raises BadRequest with the reason."""
+    if environ.get("REQUEST_METHOD") != "GET":
+        raise BadRequest("a WebSocket handshake must be a GET")
+    if environ.get("SERVER_PROTOCOL") not in ("HTTP/1.1", "HTTP/2", "HTTP/2.0"):
+        raise BadRequest("a WebSocket handshake needs HTTP/1.1")
+    if not is_websocket_request(environ):
+        raise BadRequest("this is a WebSocket endpoint: send Upgrade: websocket")
+    if "upgrade" not in _tokens(environ.get("HTTP_CONNECTION", "")):
+        raise BadRequest("a WebSocket handshake needs Connection: Upgrade")
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+    try:
+        valid = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        raise BadRequest("Sec-WebSocket-Key must be 16 bytes in base64")
+    return key
+
+
+def origin_allowed(environ: dict, allowed_origins: Iterable[str] | None) -> bool:
+    """Is the request's Origin allowed? See the module docstring."""
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    if allowed_origins is not None:
+        allowed = {o.strip().lower().rstrip("/") for o in allowed_origins}
+        if "*" in allowed or origin in allowed:
+            return True
+    host = environ.get("HTTP_HOST", "").strip().lower()
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:
+        return False
+    return bool(host) and netloc == host
+
+
+def choose_subprotocol(environ: dict, subprotocols: Sequence[str] | None,
+                       select: Callable[[list[str]], str | None] | None) -> str | None:
+    offered = [p.strip() for p in environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")
+               if p.strip()]
+    if select is not None:
+        chosen = select(offered)
+        if chosen is not None and chosen not in offered:
+            raise ValueError(f"select_subprotocol chose {chosen!r}, which the client did "
+                             f"not offer ({offered!r})")
+        return chosen
+    for name in subprotocols or ():
+        if name in offered:
+            return name
+    return None
+
+
+# One Endpoint per distinct setting, shared by every connection that uses it.
+_endpoints: dict[tuple, Endpoint] = {}
+_ENDPOINTS_MAX = 256
+
+
+def _endpoint(on_message: OnMessage | None, max_message: int | None,
+              pong_timeout: float | None, envelope: bool) -> Endpoint:
+    key = (on_message, max_message, pong_timeout, envelope)
+    endpoint = _endpoints.get(key)
+    if endpoint is None:
+        if len(_endpoints) >= _ENDPOINTS_MAX:  # per-request closures: keep the cache bounded
+            _endpoints.pop(next(iter(_endpoints)))
+        endpoint = _endpoints[key] = Endpoint(on_message, max_message, pong_timeout,
+                                              envelope=envelope)
+    return endpoint
+
+
+def websocket_response(environ: dict, start_response, channels: Iterable[str] = (),
+                       on_message: OnMessage | None = None,
+                       subprotocols: Sequence[str] | None = None,
+                       select_subprotocol: Callable[[list[str]], str | None] | None = None,
+                       allowed_origins: Iterable[str] | None = None,
+                       last_id: int | str | None = None, data: Any = None,
+                       envelope: bool = True, max_message: int | None = None,
+                       pong_timeout: float | None = None) -> list[bytes]:
+    """Upgrade the request to a WebSocket held by the reactor; see the module docstring.
+
+    ``on_message(ws, message)`` gets each message the client sends (``str`` or
+    ``bytes``) in a greenlet; ``ws`` is the :class:`WebSocket` (``ws.send``,
+    ``ws.close``, ``ws.data`` is ``data``). ``channels`` are subscribed;
+    published messages reach the client as text frames, a JSON object
+    ``{"id", "channel", "event", "data"}`` each (``envelope=False``: the data
+    alone). ``max_message`` and ``pong_timeout`` default to
+    ``WSGI_HIJACK_WS_MAX_MESSAGE`` and ``WSGI_HIJACK_WS_PONG_TIMEOUT``.
+    """
+    try:
+        key = check_handshake(environ)
+        channels = check_channels(channels) if channels else ()
+        if isinstance(last_id, str):
+            last_id = parse_id(last_id, "last_id")
+    except BadRequest as exc:
+        return _bad(start_response, exc)
+    version = environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip()
+    if not version:
+        return _bad(start_response, BadRequest("a WebSocket handshake needs "
+                                               "Sec-WebSocket-Version: 13"))
+    if version != WS_VERSION:
+        return plain_response(start_response, "426 Upgrade Required",
+                              f"unsupported Sec-WebSocket-Version {version!r}; use 13\n",
+                              [("Sec-WebSocket-Version", WS_VERSION)])
+    if not origin_allowed(environ, allowed_origins):
+        return plain_response(start_response, "403 Forbidden",
+                              f"origin {environ.get('HTTP_ORIGIN')!r} is not allowed\n")
+    subprotocol = choose_subprotocol(environ, subprotocols, select_subprotocol)
+    if not is_hijackable(environ):
+        return _unhijackable(start_response, "WebSocket")
+    endpoint = _endpoint(on_message, max_message, pong_timeout, envelope)
+    reactor = get_reactor()
+    accept = generate_accept_token(key.encode("ascii")).decode("ascii")
+    headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+               ("Sec-WebSocket-Accept", accept)]
+    if subprotocol is not None:
+        headers.append(("Sec-WebSocket-Protocol", subprotocol))
+    start_response("101 Switching Protocols", headers)
+
+    def hold(sock) -> None:
+        ws = WebSocket(endpoint, subprotocol, data)
+        ws.conn = reactor.hold(sock, ws, channels=channels, last_id=last_id)
+
+    return partial_hijack(environ, hold)
