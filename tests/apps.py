@@ -156,7 +156,69 @@ def publish_batch(environ, start_response):
     return _json(start_response, {"ids": ids})
 
 
+def _ws_echo(ws, message):
+    """Echo each message back; "boom" raises (contained), "slow" sleeps 2 s first."""
+    if message == "boom":
+        raise RuntimeError("boom from on_message")
+    if message == "slow":
+        gevent.sleep(2)
+    ws.send(message)
+
+
+def ws_echo(environ, start_response):
+    """A WebSocket with subprotocol choice and an echo callback, on ?channel=."""
+    from urllib.parse import parse_qs
+
+    from wsgi_hijack.websocket import websocket_response
+
+    q = parse_qs(environ.get("QUERY_STRING", ""))
+    return websocket_response(environ, start_response, q.get("channel", []),
+                              on_message=_ws_echo, subprotocols=["chat.v2", "chat.v1"],
+                              allowed_origins=["http://allowed.example"])
+
+
+WS_PAGE = b"""<!doctype html><meta charset="utf-8"><title>ws chat</title>
+<ul id="feed"></ul><p id="state">connecting</p>
+<script>
+const ws = new WebSocket(`ws://${location.host}/ws?channel=browser`);
+ws.onopen = () => { document.getElementById("state").textContent = "open"; };
+ws.onclose = (e) => { document.getElementById("state").textContent = "closed " + e.code; };
+ws.onmessage = (e) => {
+  const li = document.createElement("li"); li.textContent = e.data;
+  document.getElementById("feed").appendChild(li);
+};
+window.say = (text) => ws.send(text);
+</script>"""
+
+
+def ws_page(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                              ("Content-Length", str(len(WS_PAGE)))])
+    return [WS_PAGE]
+
+
+class Buggy(PlainStream):
+    """A protocol with a bug: it raises on any input."""
+
+    name = "buggy"
+
+    def receive_data(self, data: bytes) -> bytes | None:
+        raise RuntimeError("bug in a protocol")
+
+
+BUGGY = Buggy(b"beat\n")
+
+
+def buggy(environ, start_response):
+    reactor = get_reactor()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close")])
+    return partial_hijack(environ, lambda sock: reactor.hold(sock, BUGGY))
+
+
 ROUTES = {
+    "/_buggy": buggy,
+    "/ws-echo": ws_echo,
+    "/ws-page": ws_page,
     "/_burst": publish_burst,
     "/_batch": publish_batch,
     "/no-head": partial_without_head,
