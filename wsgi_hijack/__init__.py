@@ -4,6 +4,7 @@ that holds tens of thousands of connections per process.
 ``gunicorn -k gevent wsgi_hijack:app`` runs the demo.
 """
 
+from .bus import BusUnavailable, PublishError, get_bus, publish
 from .connection import Connection
 from .hijack import (
     HIJACK,
@@ -22,6 +23,7 @@ from .reactor import Reactor, get_reactor
 __version__ = "0.1.0"
 
 __all__ = [
+    "BusUnavailable", "PublishError", "get_bus", "publish",
     "HIJACK", "HIJACKABLE", "PARTIAL_HIJACK", "Connection", "HijackError",
     "HijackMiddleware", "HijackedSocket", "PlainStream", "Protocol", "ProtocolError",
     "Reactor", "app", "full_hijack", "get_reactor", "is_hijackable", "partial_hijack",
