@@ -11,11 +11,17 @@ from typing import Any
 
 from .base import ServerConnection
 from .gunicorn_gevent import GunicornGeventConnection
+from .gunicorn_threads import GunicornThreadConnection
 from .pywsgi import PyWSGIConnection
+from .uwsgi_http import UWSGIConnection
+from .werkzeug import WerkzeugConnection
 
 # pywsgi first: gunicorn's gevent_pywsgi worker also sets gunicorn.socket,
-# but the connection belongs to a pywsgi handler there.
-ADAPTERS: list[Any] = [PyWSGIConnection, GunicornGeventConnection]
+# but the connection belongs to a pywsgi handler there. The gunicorn adapters
+# tell their workers apart by the socket's class (gevent or stdlib), and
+# werkzeug and uWSGI by their own environ keys.
+ADAPTERS: list[Any] = [PyWSGIConnection, GunicornGeventConnection, GunicornThreadConnection,
+                       WerkzeugConnection, UWSGIConnection]
 
 
 def detect(environ: dict, start_response: Any) -> ServerConnection | None:

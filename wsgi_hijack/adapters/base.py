@@ -5,10 +5,15 @@ idea of what happens after the app returns (a keep-alive loop, an error
 page, a close) in different places. An adapter knows one server's places.
 Nothing server-specific goes past this package: the middleware and the
 reactor see only a socket, its pending bytes, and the value to return.
+
+Two helpers are shared by the adapters: :func:`drain_buffered` (what a
+buffered reader already holds, without waiting) and :func:`swap_out` (how a
+server whose socket object we cannot empty lets go of the connection).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -36,3 +41,64 @@ class ServerConnection:
         ``status`` is the hijacked response's status, for the access log.
         """
         raise NotImplementedError
+
+
+def drain_buffered(rfile: Any, sock: Any) -> bytes:
+    """The bytes a buffered reader over ``sock`` holds, taken out of it.
+
+    ``sock`` is made non-blocking first: ``peek()`` then returns what the
+    reader buffered (or what one read finds at once) and never waits, and
+    ``read()`` takes exactly that much out of the buffer.
+    """
+    sock.settimeout(0.0)
+    pending = b""
+    try:
+        while True:
+            chunk = rfile.peek()
+            if not chunk:
+                break
+            pending += rfile.read(len(chunk))
+    except (BlockingIOError, ValueError, OSError, TypeError):
+        pass  # TypeError: a raw read that found nothing returns None on some readers
+    return pending
+
+
+def swap_out(sock: socket.socket, sink: bool = False) -> socket.socket:
+    """Move the connection behind ``sock`` to a new plain socket that only we
+    hold, and leave at ``sock``'s fd number a socket whose peer has gone.
+
+    For servers that keep using their socket object after the app returns
+    (``setblocking``, ``shutdown``, a drain loop, ``close``): an object whose
+    fd was ``detach()``-ed makes some of those raise ``EBADF`` or
+    ``ValueError``, which they count or log as errors. After the swap every
+    step works on the stand-in, which looks like a client that went away:
+    reads give EOF, ``shutdown`` and ``close`` touch only the stand-in, and
+    the real connection is never shut down. ``dup2`` replaces the fd in one
+    step, so the server's fd number is never free for another thread's open.
+
+    With ``sink``, the stand-in is ``/dev/null`` instead: writes succeed and
+    go nowhere, reads give EOF (for a server that writes a head we cannot
+    stop, and would log a failed write as an error).
+    """
+    fd = sock.fileno()
+    ours = os.dup(fd)  # non-inheritable, like every fd Python makes
+    try:
+        if sink:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.dup2(null, fd, inheritable=False)
+            finally:
+                os.close(null)
+        else:
+            stand_in, peer = socket.socketpair()
+            try:
+                os.dup2(stand_in.fileno(), fd, inheritable=False)
+            finally:
+                stand_in.close()
+                peer.close()  # the stand-in's peer is gone: EOF for whoever reads it
+    except BaseException:
+        os.close(ours)
+        raise
+    taken = socket.socket(fileno=ours)
+    taken.setblocking(True)
+    return taken

@@ -25,7 +25,7 @@ from typing import Any
 import gevent.socket
 from gevent import pywsgi
 
-from .base import ServerConnection
+from .base import ServerConnection, drain_buffered
 
 
 class PyWSGIConnection(ServerConnection):
@@ -59,18 +59,7 @@ class PyWSGIConnection(ServerConnection):
         return cls(environ, handler, rfile, sock)
 
     def take(self) -> tuple[socket.socket, bytes]:
-        # peek() on a non-blocking socket returns what the reader buffered and
-        # never waits; read() then takes exactly that much out of the buffer.
-        self.sock.settimeout(0.0)
-        pending = b""
-        try:
-            while True:
-                chunk = self.rfile.peek()
-                if not chunk:
-                    break
-                pending += self.rfile.read(len(chunk))
-        except (BlockingIOError, ValueError, OSError):
-            pass
+        pending = drain_buffered(self.rfile, self.sock)
         wsgi_input = self.environ.get("wsgi.input")
         if isinstance(wsgi_input, pywsgi.Input):  # so the handler discards no body
             wsgi_input.position = wsgi_input.content_length or 0

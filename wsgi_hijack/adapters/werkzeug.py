@@ -1,0 +1,82 @@
+"""Werkzeug's development server (``werkzeug.serving.run_simple``, ``flask run``),
+threaded or not: request handlers are OS threads (or the main thread).
+
+Where it keeps things:
+
+- the socket is ``environ["werkzeug.socket"]``, the handler's plain blocking
+  ``connection``;
+- bytes read past the head sit in the handler's ``rfile``, a
+  ``BufferedReader`` over that socket; ``environ["wsgi.input"]`` is that
+  ``rfile`` (or a ``DechunkedInput`` around it, as ``_rfile``);
+- ``start_response`` is a closure in ``WSGIRequestHandler.run_wsgi``, and so is
+  the state that decides what is written: after iterating the app's body,
+  ``execute`` calls ``write(b"")``, which sends the head (and asserts that
+  ``start_response`` was called); in a ``finally`` it drains the socket with
+  a selector and ``rfile.read``; an exception in ``connection_dropped_errors``
+  (``ConnectionError``, timeouts) goes to ``connection_dropped``, which does
+  nothing, while any other exception is logged and answered with a 500. Then
+  ``handle`` reads the next request line unless ``close_connection``, and
+  ``shutdown_request`` calls ``shutdown(SHUT_WR)`` and ``close()``.
+
+How we step back: ``start_response`` is never passed on (the middleware holds
+it back), the ``rfile`` buffer is drained without blocking, and the connection
+is moved to a new fd (:func:`.base.swap_out`) while the handler's socket object
+is left on a stand-in whose peer is gone. The body we return raises
+``ConnectionAbortedError`` when iterated: werkzeug takes it for a client that
+went away, writes nothing (``write(b"")`` is never reached), logs nothing,
+and its drain, next-request read, shutdown and close all meet the stand-in's
+EOF. Werkzeug has no access-log line for the request (it logs when it sends a
+head). If another layer wraps ``start_response`` (the interactive debugger,
+``run_simple(use_debugger=True)``, sits outside the app and would catch the
+exception), the request is not hijackable.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from .base import ServerConnection, drain_buffered, swap_out
+
+
+class WerkzeugConnection(ServerConnection):
+    name = "werkzeug"
+
+    __slots__ = ("environ", "sock", "rfile")
+
+    def __init__(self, environ: dict, sock: socket.socket, rfile: Any) -> None:
+        self.environ = environ
+        self.sock = sock
+        self.rfile = rfile
+
+    @classmethod
+    def detect(cls, environ: dict, start_response: Any) -> WerkzeugConnection | None:
+        sock = environ.get("werkzeug.socket")
+        if type(sock) is not socket.socket:  # not an ssl.SSLSocket: TLS is not ours to write
+            return None
+        # Only werkzeug's own start_response: then we are the outermost app
+        # and werkzeug iterates the body we return.
+        if getattr(start_response, "__module__", None) != "werkzeug.serving" or not getattr(
+                start_response, "__qualname__", "").endswith("run_wsgi.<locals>.start_response"):
+            return None
+        wsgi_input = environ.get("wsgi.input")
+        rfile = getattr(wsgi_input, "_rfile", wsgi_input)  # DechunkedInput keeps it there
+        if not hasattr(rfile, "peek"):
+            return None
+        return cls(environ, sock, rfile)
+
+    def take(self) -> tuple[socket.socket, bytes]:
+        pending = drain_buffered(self.rfile, self.sock)
+        self.sock.settimeout(None)
+        return swap_out(self.sock), pending
+
+    def finish(self, status: str | None) -> Any:
+        return _Hijacked()
+
+
+class _Hijacked:
+    """The body werkzeug gets back: iterating it reports a dropped connection."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        raise ConnectionAbortedError("connection hijacked by wsgi_hijack")
