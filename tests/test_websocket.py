@@ -46,7 +46,7 @@ def publish(server, channel: str, data: str) -> int:
 def wait_held(server, held: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while server.stats()["held"] != held:
-        assert time.monotonic() < deadline, server.stats()
+        assert time.monotonic() < deadline, (held, server.stats()["held"], server.stats())
         time.sleep(0.02)
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,6 +71,8 @@ __all__ = ["JSON_FRAMER", "TEXT_FRAMER", "Endpoint", "WebSocket", "WebSocketFram
            "websocket_response"]
 
 WS_VERSION = "13"
+
+log = logging.getLogger("wsgi_hijack.websocket")
 
 
 def _tokens(value: str) -> set[str]:
@@ -186,6 +189,8 @@ def websocket_response(environ: dict, start_response, channels: Iterable[str] = 
                               f"unsupported Sec-WebSocket-Version {version!r}; use 13\n",
                               [("Sec-WebSocket-Version", WS_VERSION)])
     if not origin_allowed(environ, allowed_origins):
+        log.info("WebSocket refused (403): origin %r is not allowed for host %r",
+                 environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"))
         return plain_response(start_response, "403 Forbidden",
                               f"origin {environ.get('HTTP_ORIGIN')!r} is not allowed\n")
     subprotocol = choose_subprotocol(environ, subprotocols, select_subprotocol)
