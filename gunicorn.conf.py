@@ -25,8 +25,17 @@ keepalive = 5
 # Metrics from every worker (prometheus-client's multiprocess mode): each
 # worker writes its values under this directory and /metrics sums them. It must
 # be set before prometheus_client is imported anywhere, hence here, at load.
+_own_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wsgi_hijack-metrics-")
+    _own_metrics_dir = tempfile.mkdtemp(prefix="wsgi_hijack-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
+
+
+def on_exit(server):
+    if _own_metrics_dir and server.pid == os.getpid():
+        import shutil
+
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
 
 
 def child_exit(server, worker):
