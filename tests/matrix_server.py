@@ -1,0 +1,32 @@
+"""Serve tests.matrix_app on a server that has no command line of its own:
+``python tests/matrix_server.py pywsgi|werkzeug|wsgiref PORT``."""
+
+import sys
+
+kind, port = sys.argv[1], int(sys.argv[2])
+if kind == "pywsgi":  # a gevent server: patch before anything else is imported
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import logging  # noqa: E402
+
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
+from tests.matrix_app import application  # noqa: E402
+
+if __name__ == "__main__":
+    if kind == "pywsgi":
+        from gevent.pywsgi import WSGIServer
+
+        WSGIServer(("127.0.0.1", port), application).serve_forever()
+    elif kind == "werkzeug":
+        from werkzeug.serving import run_simple
+
+        run_simple("127.0.0.1", port, application, threaded=True)
+    elif kind == "wsgiref":
+        from wsgiref.simple_server import make_server
+
+        make_server("127.0.0.1", port, application).serve_forever()
+    else:
+        raise SystemExit(f"unknown server {kind!r}")
