@@ -93,18 +93,30 @@ def sse_response(environ: dict, start_response, channels: Iterable[str],
     """
     try:
         channels = check_channels(channels)
-        if last_id is None:
-            last_id = parse_id(environ.get("HTTP_LAST_EVENT_ID"), "Last-Event-ID")
-        elif isinstance(last_id, str):
-            last_id = parse_id(last_id, "last_id")
+        last_id = _last_id(environ, last_id)
     except BadRequest as exc:
         return _bad(start_response, exc)
+    return _hold_stream(environ, start_response, "Server-Sent Events", SSE, SSE_HEAD,
+                        channels, last_id)
+
+
+def _last_id(environ: dict, last_id: int | str | None) -> int | None:
+    """The given id, else the request's ``Last-Event-ID`` header; checked."""
+    if last_id is None:
+        return parse_id(environ.get("HTTP_LAST_EVENT_ID"), "Last-Event-ID")
+    if isinstance(last_id, str):
+        return parse_id(last_id, "last_id")
+    return last_id
+
+
+def _hold_stream(environ: dict, start_response, what: str, protocol, head: list,
+                 channels: tuple[str, ...], last_id: int | None) -> list[bytes]:
     if not is_hijackable(environ):
-        return _unhijackable(start_response, "Server-Sent Events")
+        return _unhijackable(start_response, what)
     reactor = get_reactor()
-    start_response("200 OK", list(SSE_HEAD))
+    start_response("200 OK", list(head))
     return partial_hijack(environ, lambda sock: reactor.hold(
-        sock, SSE, channels=channels, last_id=last_id))
+        sock, protocol, channels=channels, last_id=last_id))
 
 
 def chunked_response(environ: dict, start_response, channels: Iterable[str],
@@ -112,19 +124,13 @@ def chunked_response(environ: dict, start_response, channels: Iterable[str],
     """Stream ``channels`` as an HTTP/1.1 chunked response, one chunk per message."""
     try:
         channels = check_channels(channels)
-        if isinstance(last_id, str) or last_id is None:
-            last_id = parse_id(last_id if last_id is not None
-                               else environ.get("HTTP_LAST_EVENT_ID"), "last_id")
+        last_id = _last_id(environ, last_id)
         if environ.get("SERVER_PROTOCOL") == "HTTP/1.0":
             raise BadRequest("a chunked stream needs HTTP/1.1; use /events or /poll")
     except BadRequest as exc:
         return _bad(start_response, exc)
-    if not is_hijackable(environ):
-        return _unhijackable(start_response, "chunked streams")
-    reactor = get_reactor()
-    start_response("200 OK", list(CHUNKED_HEAD))
-    return partial_hijack(environ, lambda sock: reactor.hold(
-        sock, CHUNKED, channels=channels, last_id=last_id))
+    return _hold_stream(environ, start_response, "chunked streams", CHUNKED, CHUNKED_HEAD,
+                        channels, last_id)
 
 
 def long_poll_response(environ: dict, start_response, channels: Iterable[str],
