@@ -1,6 +1,9 @@
-"""Serve tests.matrix_app on a server that has no command line of its own:
+"""Serve tests.matrix_app (or ``MATRIX_APP``, ``module:name``) on a server that
+has no command line of its own:
 ``python tests/matrix_server.py pywsgi|werkzeug|wsgiref PORT``."""
 
+import importlib
+import os
 import sys
 
 kind, port = sys.argv[1], int(sys.argv[2])
@@ -13,7 +16,8 @@ import logging  # noqa: E402
 
 logging.basicConfig(level=logging.INFO)
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
-from tests.matrix_app import application  # noqa: E402
+_module, _name = os.environ.get("MATRIX_APP", "tests.matrix_app:application").split(":")
+application = getattr(importlib.import_module(_module), _name)
 
 if __name__ == "__main__":
     if kind == "pywsgi":

@@ -55,9 +55,10 @@ README = ROOT / "README.rst"
 UWSGI = shutil.which("uwsgi") or (Path(sys.executable).parent / "uwsgi").as_posix()
 
 
-def server_argv(server: str, port: int) -> list[str]:
+def server_argv(server: str, port: int, app: str = "tests.matrix_app:application") -> list[str]:
+    """How each server is started; the runner-script servers take ``app``
+    from ``MATRIX_APP`` in their environment."""
     bind = f"127.0.0.1:{port}"
-    app = "tests.matrix_app:application"
     gunicorn = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
                 "-b", bind, "--no-control-socket", "-w", "1"]
     if server == "gunicorn-gevent":
@@ -81,13 +82,21 @@ def server_argv(server: str, port: int) -> list[str]:
 
 @pytest.fixture
 def serve(tmp_path):
+    """serve(framework, server, app=...) -> Server; stopped after the test."""
+    yield from servers_for(tmp_path)
+
+
+def servers_for(tmp_path: Path):
     servers: list[Server] = []
 
-    def start(framework: str, server: str) -> Server:
+    def start(framework: str | None, server: str,
+              app: str = "tests.matrix_app:application") -> Server:
         port = free_port()
         env = server_env(HEARTBEAT)
-        env["MATRIX_FRAMEWORK"] = framework
-        srv = Server(server_argv(server, port), port, env, tmp_path)
+        env["MATRIX_APP"] = app
+        if framework is not None:
+            env["MATRIX_FRAMEWORK"] = framework
+        srv = Server(server_argv(server, port, app), port, env, tmp_path)
         servers.append(srv)
         return srv
 
