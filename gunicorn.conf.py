@@ -105,12 +105,17 @@ def _is_tcp(bind: str) -> bool:
 
 
 def _reuseport_listeners(worker):
-    from gevent import socket as gsocket
+    # gevent sockets for the gevent workers; plain ones for sync and gthread,
+    # whose threads must not meet a gevent socket (nor its hub).
+    if "gevent" in type(worker).__module__:
+        from gevent import socket as socket_module
+    else:
+        socket_module = socket
 
     listeners = []
     for host, port in json.loads(os.environ["WSGI_HIJACK_PUBLIC_BIND"]):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = gsocket.socket(family, socket.SOCK_STREAM)
+        sock = socket_module.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
@@ -133,6 +138,8 @@ def post_worker_init(worker):
     logger.setLevel(config.log_level())
     if os.environ.get("WSGI_HIJACK_PUBLIC_BIND"):
         worker.sockets = _reuseport_listeners(worker)
+        if hasattr(worker, "wait_fds"):  # the sync worker selects on these
+            worker.wait_fds = worker.sockets + [worker.PIPE[0]]
     get_reactor()
 
 

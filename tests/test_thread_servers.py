@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import time
 
 import pytest
@@ -122,3 +123,30 @@ def test_many_hijacks_leave_the_worker_clean(serve, server):
         # probe's own connection is open (a detached socket would make it -39).
         assert after["nr_conns"] == 1, after
     assert_clean_log(srv)
+
+
+@pytest.mark.parametrize("worker", ["gthread", "sync"])
+def test_two_thread_workers_each_listen_with_reuseport(tmp_path, worker):
+    # gunicorn.conf.py gives each worker its own SO_REUSEPORT listener: plain
+    # sockets for the thread workers (a gevent socket would make gthread's
+    # connections gevent sockets, and the sync worker must select on it).
+    from .conftest import ROOT, Server, free_port, server_env
+
+    port = free_port()
+    env = server_env(0.5)
+    env.update(MATRIX_FRAMEWORK="flask", WSGI_HIJACK_ALLOW_LOCAL_BUS="1")
+    srv = Server([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+                  "-k", worker, "-w", "2", "-b", f"127.0.0.1:{port}", "--no-control-socket",
+                  "tests.matrix_app:application"], port, env, tmp_path)
+    try:
+        seen = set()
+        deadline = time.monotonic() + 10
+        while len(seen) < 2:
+            assert time.monotonic() < deadline, seen
+            info = get_json(srv, "/_matrix")
+            assert info["adapter"] == f"gunicorn-{worker}" and not info["patched"], info
+            seen.add(info["pid"])
+        assert "listens on 127.0.0.1" in srv.log()
+        assert_clean_log(srv)
+    finally:
+        srv.stop()
