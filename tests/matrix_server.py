@@ -1,6 +1,6 @@
 """Serve tests.matrix_app (or ``MATRIX_APP``, ``module:name``) on a server that
 has no command line of its own:
-``python tests/matrix_server.py pywsgi|werkzeug|wsgiref PORT``."""
+``python tests/matrix_server.py pywsgi|werkzeug|werkzeug-debug|wsgiref PORT``."""
 
 import importlib
 import os
@@ -24,10 +24,11 @@ if __name__ == "__main__":
         from gevent.pywsgi import WSGIServer
 
         WSGIServer(("127.0.0.1", port), application).serve_forever()
-    elif kind == "werkzeug":
+    elif kind in ("werkzeug", "werkzeug-debug"):  # -debug: with the interactive debugger
         from werkzeug.serving import run_simple
 
-        run_simple("127.0.0.1", port, application, threaded=True)
+        run_simple("127.0.0.1", port, application, threaded=True,
+                   use_debugger=kind == "werkzeug-debug")
     elif kind == "wsgiref":
         from wsgiref.simple_server import make_server
 

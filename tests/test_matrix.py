@@ -67,7 +67,7 @@ def server_argv(server: str, port: int, app: str = "tests.matrix_app:application
         return [*gunicorn, "-k", "gthread", "--threads", "4", app]
     if server == "gunicorn-sync":
         return [*gunicorn, "-k", "sync", app]
-    if server in ("pywsgi", "werkzeug", "wsgiref"):
+    if server in ("pywsgi", "werkzeug", "werkzeug-debug", "wsgiref"):
         return [sys.executable, str(ROOT / "tests" / "matrix_server.py"), server, str(port)]
     if server.startswith("uwsgi"):
         if not os.path.exists(UWSGI):

@@ -15,7 +15,7 @@ from .conftest import assert_clean_log
 from .test_matrix import servers_for
 
 APP = "tests.thread_apps:app"
-THREAD_SERVERS = ["gunicorn-gthread", "gunicorn-sync", "werkzeug", "uwsgi"]
+THREAD_SERVERS = ["gunicorn-gthread", "gunicorn-sync", "werkzeug", "werkzeug-debug", "uwsgi"]
 
 
 @pytest.fixture

@@ -19,3 +19,6 @@ MIDDLEWARE = [
 ]
 DATABASES: dict = {}
 USE_TZ = True
+# Django sets the process's TZ from this (default America/Chicago): the
+# server's own log times would follow.
+TIME_ZONE = "UTC"

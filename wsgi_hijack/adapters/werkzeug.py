@@ -18,23 +18,25 @@ Where it keeps things:
   ``handle`` reads the next request line unless ``close_connection``, and
   ``shutdown_request`` calls ``shutdown(SHUT_WR)`` and ``close()``.
 
-How we step back: ``start_response`` is never passed on (the middleware holds
-it back), the ``rfile`` buffer is drained without blocking, and the connection
-is moved to a new fd (:func:`.base.swap_out`) while the handler's socket object
-is left on a stand-in whose peer is gone. The body we return raises
-``ConnectionAbortedError`` when iterated: werkzeug takes it for a client that
-went away, writes nothing (``write(b"")`` is never reached), logs nothing,
-and its drain, next-request read, shutdown and close all meet the stand-in's
-EOF. Werkzeug has no access-log line for the request (it logs when it sends a
-head). If another layer wraps ``start_response`` (the interactive debugger,
-``run_simple(use_debugger=True)``, sits outside the app and would catch the
-exception), the request is not hijackable.
+How we step back: the connection is moved to a new fd (:func:`.base.swap_out`)
+after the ``rfile`` buffer is drained without blocking, and the handler's
+socket object is left on a stand-in whose peer is gone. Then the hijacked
+status goes on to werkzeug's own ``start_response`` with no headers and the
+body is empty: werkzeug logs the request with that status (its access log is
+written as it starts the head), and its first write to the stand-in fails
+with ``BrokenPipeError``, which it takes for a client that went away: no
+error, no 500, nothing reaches the client. The drain, the next-request read
+(``close_connection`` is set by the ``Connection: close`` it adds), the
+shutdown and the close all meet the stand-in. The interactive debugger
+(``run_simple(use_debugger=True)``, ``flask run --debug``) passes
+``start_response`` through and sees an ordinary empty body, so hijack works
+under it too. If another layer wraps ``start_response``, the request is not
+hijackable.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 from .base import ServerConnection, drain_buffered, swap_out
@@ -43,12 +45,14 @@ from .base import ServerConnection, drain_buffered, swap_out
 class WerkzeugConnection(ServerConnection):
     name = "werkzeug"
 
-    __slots__ = ("environ", "sock", "rfile")
+    __slots__ = ("environ", "sock", "rfile", "start_response")
 
-    def __init__(self, environ: dict, sock: socket.socket, rfile: Any) -> None:
+    def __init__(self, environ: dict, sock: socket.socket, rfile: Any,
+                 start_response: Any) -> None:
         self.environ = environ
         self.sock = sock
         self.rfile = rfile
+        self.start_response = start_response
 
     @classmethod
     def detect(cls, environ: dict, start_response: Any) -> WerkzeugConnection | None:
@@ -64,7 +68,7 @@ class WerkzeugConnection(ServerConnection):
         rfile = getattr(wsgi_input, "_rfile", wsgi_input)  # DechunkedInput keeps it there
         if not hasattr(rfile, "peek"):
             return None
-        return cls(environ, sock, rfile)
+        return cls(environ, sock, rfile, start_response)
 
     def take(self) -> tuple[socket.socket, bytes]:
         pending = drain_buffered(self.rfile, self.sock)
@@ -72,11 +76,6 @@ class WerkzeugConnection(ServerConnection):
         return swap_out(self.sock), pending
 
     def finish(self, status: str | None) -> Any:
-        return _Hijacked()
-
-
-class _Hijacked:
-    """The body werkzeug gets back: iterating it reports a dropped connection."""
-
-    def __iter__(self) -> Iterator[bytes]:
-        raise ConnectionAbortedError("connection hijacked by wsgi_hijack")
+        # A full hijack has no status of its own: logged as 200.
+        self.start_response(status or "200 OK", [])
+        return []
