@@ -206,7 +206,7 @@ class WebSocket(Protocol):
         self._seen = _monotonic()
         ws = self._ws
         if ws is None:
-            ws = self._ws = _WsConnection(_SERVER)
+            ws = self._ws = _spare.pop() if _spare else _WsConnection(_SERVER)
         ws.receive_data(data)
         out = []
         limit = self.endpoint.max_message
@@ -246,7 +246,11 @@ class WebSocket(Protocol):
         if header is not None and self._size + header.payload_len > limit:
             self._too_big(out)
         if self._parts is None and _idle(ws):
-            self._ws = None  # nothing half-parsed: drop the parser until more comes
+            # Nothing half-parsed: let go of the parser until more comes. An idle
+            # parser is as good as a new one: keep it for the next connection.
+            self._ws = None
+            if not _spare:
+                _spare.append(ws)
         return b"".join(out) if out else None
 
     def _too_big(self, out: list) -> None:
@@ -321,6 +325,12 @@ class WebSocket(Protocol):
 
     def __repr__(self) -> str:
         return f"<WebSocket {self.conn!r} subprotocol={self.subprotocol!r}>"
+
+
+# One idle wsproto parser, reused by whichever idle connection receives next
+# (most incoming data is one whole frame: a pong, a short message). Only the
+# reactor's thread parses.
+_spare: list[_WsConnection] = []
 
 
 def _idle(ws: _WsConnection) -> bool:
