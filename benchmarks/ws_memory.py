@@ -34,25 +34,20 @@ import multiprocessing
 import os
 import resource
 import select
-import signal
 import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import Server as BenchServer  # noqa: E402
+
 CHANNEL = "bench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _request(port: int, sse: bool = False) -> bytes:
@@ -167,15 +162,6 @@ def client(port: int, n: int, conn, sse: bool = False) -> None:
                     closed += 1
 
 
-def _worker(master: psutil.Process) -> psutil.Process:
-    deadline = time.monotonic() + 20
-    while not master.children():
-        if time.monotonic() > deadline:
-            raise RuntimeError("no gunicorn worker")
-        time.sleep(0.1)
-    return master.children()[0]
-
-
 def _publish(port: int, data: str) -> int:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/publish?channel={CHANNEL}",
                                      data=data.encode(), method="POST")
@@ -191,32 +177,18 @@ def _percentile(values: list[float], q: float) -> float:
 def run(connections: int, processes: int, heartbeat: float = 10.0,
         messages: int = 5, sse: bool = False) -> dict:
     """Measure; see the module docstring. Returns the figures as a dict."""
-    port = _free_port()
     # Clients answer pings only once all their connections are open (a client
     # process is busy with handshakes until then): a long pong timeout keeps
     # the first connections from being closed as dead meanwhile.
-    env = dict(os.environ, WSGI_HIJACK_HEARTBEAT=str(heartbeat),
-               WSGI_HIJACK_WS_PONG_TIMEOUT="600",
-               WSGI_HIJACK_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT))
-    env.pop("WSGI_HIJACK_REDIS_URL", None)
-    env.pop("WEB_CONCURRENCY", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-         "-b", f"127.0.0.1:{port}", "--no-control-socket", "wsgi_hijack:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+    os.environ.update(WSGI_HIJACK_WS_PONG_TIMEOUT="600", WSGI_HIJACK_LOG_LEVEL="WARNING")
+    for name in ("WSGI_HIJACK_REDIS_URL", "WEB_CONCURRENCY"):
+        os.environ.pop(name, None)
+    # benchmarks/run.py's server: the demo under gunicorn.conf.py, its fd limit raised.
+    server = BenchServer("hijack", heartbeat, Path(tempfile.mkdtemp(prefix="ws_memory-")), None)
+    port = server.port
     clients = []
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("gunicorn did not start") from None
-                time.sleep(0.1)
-        worker = _worker(psutil.Process(server.pid))
+        worker = psutil.Process(server.pid)
         # Warm-up: one WebSocket through the whole path, then closed.
         for s, _ in _handshake_batch(port, 1, sse):
             s.close()
@@ -294,13 +266,7 @@ def run(connections: int, processes: int, heartbeat: float = 10.0,
         for proc, _ in clients:
             if proc.is_alive():
                 proc.kill()
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
