@@ -169,6 +169,19 @@ def test_chat_with_the_websockets_library(gunicorn):
     assert_clean_log(gunicorn)
 
 
+def test_echo_and_channel_on_each_gevent_server(server):
+    """gunicorn -k gevent and gevent.pywsgi both hand the upgraded connection over."""
+    with connect(ws_url(server, "/ws-echo?channel=both"), subprotocols=["chat.v1"]) as ws:
+        assert ws.subprotocol == "chat.v1"
+        wait_held(server, 1)
+        ws.send("ping?")
+        assert ws.recv(timeout=5) == "ping?"
+        publish(server, "both", "on the channel")
+        assert json.loads(ws.recv(timeout=5))["data"] == "on the channel"
+    wait_held(server, 0)
+    assert_clean_log(server)
+
+
 def test_websocket_client_library_and_publish_rule(start_server):
     server = start_server("gunicorn", heartbeat=5,
                           env={"WSGI_HIJACK_PUBLISH_TOKEN": "sekret"})
