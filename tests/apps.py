@@ -157,11 +157,16 @@ def publish_batch(environ, start_response):
 
 
 def _ws_echo(ws, message):
-    """Echo each message back; "boom" raises (contained), "slow" sleeps 2 s first."""
+    """Echo each message back; "boom" raises (contained), "slow" sleeps 2 s first,
+    "close" closes with 4000."""
     if message == "boom":
         raise RuntimeError("boom from on_message")
     if message == "slow":
         gevent.sleep(2)
+    if message == "close":
+        ws.close(4000, "asked to")
+        assert not ws.send("after close")  # refused: the connection is closing
+        return
     ws.send(message)
 
 

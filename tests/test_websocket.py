@@ -334,6 +334,16 @@ def test_callbacks_slow_or_failing_never_stall_the_reactor(gunicorn):
     assert "websocket on_message callback failed" in log and "boom from on_message" in log
 
 
+def test_app_closes_with_its_code(gunicorn):
+    with connect(ws_url(gunicorn, "/ws-echo")) as ws:
+        ws.send("close")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd.code == 4000 and closed.value.rcvd.reason == "asked to"
+    wait_held(gunicorn, 0)
+    assert_clean_log(gunicorn)
+
+
 # -- heartbeats and liveness ---------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ Three kinds of object, so that an idle connection costs almost nothing:
     wsproto ``Connection`` (about 1.7 KB measured with tracemalloc over
     10,000 instances) is made when bytes arrive and dropped again as soon as
     nothing is left half-parsed (no partial frame buffered, no fragmented
-    message in progress). An idle WebSocket is this object (about 120 bytes
+    message in progress). An idle WebSocket is this object (about 180 bytes
     with its float) plus the reactor's own :class:`~wsgi_hijack.connection.
     Connection`.
 
