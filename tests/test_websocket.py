@@ -19,7 +19,9 @@ import tracemalloc
 
 import httpx
 import pytest
-import websocket as websocket_client  # websocket-client
+import websocket as websocket_client
+from hypothesis import given, settings
+from hypothesis import strategies as st  # websocket-client
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from wsproto.connection import Connection as WsConnection
@@ -505,3 +507,31 @@ def test_memory_benchmark_small_run():
     assert result["deliveries"] == result["deliveries_expected"] == 600
     # Small N is noisy (allocator arenas, dict resizes); the real figure is at 19,900.
     assert result["bytes_per_connection"] < 8192, result
+
+
+@given(st.lists(st.one_of(
+    st.binary(max_size=40),
+    st.builds(lambda op, payload, fin, rsv: masked_frame(op, payload, fin, rsv),
+              st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x8, 0x9, 0xA, 0xB]),
+              st.binary(max_size=300), st.booleans(), st.sampled_from([0, 0x10, 0x40]))),
+    max_size=8), st.integers(1, 7))
+@settings(max_examples=300, deadline=None)
+def test_any_input_ends_in_bytes_or_a_clean_refusal(chunks, cut):
+    """Whatever arrives, split anywhere: replies, or ProtocolError / ConnectionDone with
+    a close frame; never another exception (which would reach the reactor)."""
+    from wsgi_hijack.protocols.base import ConnectionDone, ProtocolError
+    from wsgi_hijack.protocols.websocket import Endpoint, WebSocket
+
+    ws = WebSocket(Endpoint(on_message=None, max_message=500, pong_timeout=30))
+    data = b"".join(chunks)
+    try:
+        for i in range(0, len(data), cut):
+            reply = ws.receive_data(data[i:i + cut])
+            assert reply is None or isinstance(reply, bytes)
+    except (ProtocolError, ConnectionDone) as end:
+        parser = WsConnection(ConnectionType.CLIENT)
+        parser.receive_data(end.goodbye)
+        last = list(parser.events())[-1]  # the last words end with a close frame
+        assert isinstance(last, CloseConnection), end.goodbye
+        if isinstance(end, ProtocolError):  # never an internal error (1011)
+            assert int(last.code) in (1002, 1007, 1009), (last, end)

@@ -203,6 +203,17 @@ class WebSocket(Protocol):
         return None
 
     def receive_data(self, data: bytes) -> bytes | None:
+        try:
+            return self._receive(data)
+        except (ProtocolError, ConnectionDone):
+            raise
+        except Exception as exc:  # a bug here or in wsproto: close this one, not the loop
+            log.exception("websocket input failed")
+            self._ws = self._parts = None
+            raise ProtocolError(f"websocket internal error: {exc!r}",
+                                close_frame(CloseReason.INTERNAL_ERROR, "internal error")) from exc
+
+    def _receive(self, data: bytes) -> bytes | None:
         self._seen = _monotonic()
         ws = self._ws
         if ws is None:
