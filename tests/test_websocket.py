@@ -369,9 +369,13 @@ def test_pings_and_a_peer_that_never_pongs(start_server):
 
 
 def test_abrupt_disconnects_free_their_fds(gunicorn):
-    baseline = gunicorn.stats()["fds"]
+    baseline = gunicorn.stats()
     clients = [RawClient(gunicorn, "/ws?channel=abrupt") for _ in range(50)]
     wait_held(gunicorn, 50)
+    for client in clients[:10]:  # a message and a ping each: parsed, then idle again
+        client.sock.sendall(masked_frame(0x1, b"hi") + masked_frame(0x9, b""))
+    time.sleep(0.5)
+    assert gunicorn.stats()["greenlets"] <= baseline["greenlets"] + 2  # none per connection
     for i, client in enumerate(clients):
         if i % 3 == 0:  # reset, no close frame
             client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -380,7 +384,7 @@ def test_abrupt_disconnects_free_their_fds(gunicorn):
         client.sock.close()
     wait_held(gunicorn, 0)
     deadline = time.monotonic() + 5
-    while gunicorn.stats()["fds"] > baseline:
+    while gunicorn.stats()["fds"] > baseline["fds"]:
         assert time.monotonic() < deadline, (gunicorn.stats(), baseline)
         time.sleep(0.05)
     assert_clean_log(gunicorn)

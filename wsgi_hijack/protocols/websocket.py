@@ -154,6 +154,10 @@ class Endpoint:
         self.framer = JSON_FRAMER if envelope else TEXT_FRAMER
         if self.max_message <= 0 or self.pong_timeout <= 0 or self.max_queue <= 0:
             raise ValueError("max_message, pong_timeout and max_queue must be positive")
+        if self.pong_timeout <= config.heartbeat_interval():
+            log.warning("WebSocket pong timeout %.3g s is not longer than the heartbeat "
+                        "interval (%.3g s): every peer will be closed as dead",
+                        self.pong_timeout, config.heartbeat_interval())
 
 
 class WebSocket(Protocol):
