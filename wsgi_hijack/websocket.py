@@ -146,7 +146,10 @@ _ENDPOINTS_MAX = 256
 def _endpoint(on_message: OnMessage | None, max_message: int | None,
               pong_timeout: float | None, envelope: bool) -> Endpoint:
     key = (on_message, max_message, pong_timeout, envelope)
-    endpoint = _endpoints.get(key)
+    try:
+        endpoint = _endpoints.get(key)
+    except TypeError:  # an unhashable callable: not shared
+        return Endpoint(on_message, max_message, pong_timeout, envelope=envelope)
     if endpoint is None:
         if len(_endpoints) >= _ENDPOINTS_MAX:  # per-request closures: keep the cache bounded
             _endpoints.pop(next(iter(_endpoints)))
