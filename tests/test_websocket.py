@@ -446,6 +446,12 @@ def test_idle_connection_holds_no_parser_and_little_memory():
     assert ws._ws is not None and ws._parts == ["part"]  # fragmented message in progress
     ws.receive_data(masked_frame(0x0, b"done"))
     assert ws._ws is None and ws._parts is None
+    # A message exactly at the limit, in pieces, with a ping in the middle of it.
+    at_limit = masked_frame(0x1, b"a" * 600, fin=False) + masked_frame(0x9, b"p" * 125) \
+        + masked_frame(0x0, b"b" * 400)
+    for i in range(0, len(at_limit), 97):
+        ws.receive_data(at_limit[i:i + 97])
+    assert ws._ws is None and ws._size == 0
     reply = ws.receive_data(masked_frame(0x9, b"p"))
     assert reply == b"\x8a\x01p" and ws._ws is None  # pong, unmasked, from wsproto
     parser = WsConnection(ConnectionType.CLIENT)

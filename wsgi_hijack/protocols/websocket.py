@@ -257,8 +257,11 @@ class WebSocket(Protocol):
                 raise ConnectionDone(b"".join(out))
             # Pong: nothing to do but remember that the peer is alive (above).
         # A frame whose header announces more than the limit: refuse it now.
-        header = ws._proto._frame_decoder.header
-        if header is not None and self._size + header.payload_len > limit:
+        # (Its part already read is in self._size; control frames are at most 125.)
+        decoder = ws._proto._frame_decoder
+        header = decoder.header
+        if header is not None and not header.opcode.iscontrol() and \
+                self._size + header.payload_len - decoder.payload_consumed > limit:
             self._too_big(out)
         if self._parts is None and _idle(ws):
             # Nothing half-parsed: let go of the parser until more comes. An idle
