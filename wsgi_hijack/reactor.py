@@ -405,6 +405,8 @@ class Reactor:
         self._metrics.sync(self.stats, self.held_by_protocol, runs)
 
     def _guarded(self, step: Any) -> None:
+        if not self._running:  # closed by a step that yielded to the hub (_poll)
+            return
         try:
             step()
         except Exception:  # nothing may kill the reactor; one bad step is logged
@@ -674,6 +676,8 @@ class Reactor:
             if len(events) < _POLL_BATCH:
                 return
             gevent.sleep(0)  # a storm of events: let the accept loop run in between
+            if not self._running:  # close() ran meanwhile: the epoll is gone
+                return
 
     def _read(self, conn: Connection) -> None:
         try:
