@@ -169,6 +169,7 @@ def run(n: int, hold: float, heartbeat: float, threads: int, out: Path,
     _raise_nofile()
     # Several client processes, each well under its fd limit.
     per_process = per_process or max(1, min(9500, math.ceil(n / 2)))
+    load_before = os.getloadavg()[0]  # a shared machine makes the timings noisy
     server = GthreadServer(heartbeat, threads, Path(tempfile.mkdtemp(prefix="gthread-hold-")))
     during: list[dict] = []
     report: dict = {}
@@ -203,6 +204,8 @@ def run(n: int, hold: float, heartbeat: float, threads: int, out: Path,
         peak = max(during, key=lambda c: c["held"]) if during else {}
         report = _summarise(n, hold, heartbeat, threads, per_process, load_report, rounds,
                             server.check, peak, server.argv)
+        report["machine"] += (f"; load average {load_before:.1f} before the run, "
+                              f"{os.getloadavg()[0]:.1f} after")
     finally:
         server.stop()
     errors = [ln for ln in server.log().splitlines()
