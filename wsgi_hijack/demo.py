@@ -34,6 +34,7 @@ from .hijack import HijackMiddleware, partial_hijack
 from .protocols.plain import HEAD_HEADERS, PlainStream
 from .reactor import get_reactor
 from .streams import (
+    HIJACK_SERVERS,
     chunked_response,
     json_response,
     long_poll_response,
@@ -109,10 +110,10 @@ def _chunked(environ: dict) -> bool:
 def _beep(environ: dict, start_response) -> Iterable[bytes]:
     if not environ.get("wsgi_hijack.hijackable"):
         logging.getLogger("wsgi_hijack").warning(
-            "GET / needs a server that can hijack (gunicorn -k gevent, gevent.pywsgi)")
+            "GET / needs a server that can hijack: %s", HIJACK_SERVERS)
         return plain_response(start_response, "501 Not Implemented",
                               "this server cannot hand connections to the reactor; "
-                              "run under gunicorn -k gevent or gevent.pywsgi\n")
+                              f"run under {HIJACK_SERVERS}\n")
     reactor = get_reactor()
     start_response("200 OK", list(HEAD_HEADERS))
     return partial_hijack(environ, lambda sock: reactor.hold(sock, BEEP))

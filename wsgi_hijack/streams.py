@@ -29,6 +29,10 @@ from .reactor import get_reactor
 
 log = logging.getLogger("wsgi_hijack")
 
+#: Where hijack works (see the compatibility matrix in the README).
+HIJACK_SERVERS = ("gunicorn (gevent, gthread or sync workers), gevent.pywsgi, Werkzeug, "
+                  "uWSGI --http-socket")
+
 SSE = ServerSentEvents()
 CHUNKED = ChunkedStream()
 LONG_POLL = LongPoll()
@@ -73,7 +77,7 @@ def check_channels(channels: Iterable[str]) -> tuple[str, ...]:
 
 
 def _unhijackable(start_response, what: str) -> list[bytes]:
-    log.warning("%s needs a server that can hijack (gunicorn -k gevent, gevent.pywsgi)", what)
+    log.warning("%s needs a server that can hijack: %s", what, HIJACK_SERVERS)
     return plain_response(start_response, "501 Not Implemented",
                           f"{what} is not available on this server: it cannot hand "
                           "connections to the reactor\n")
