@@ -7,7 +7,8 @@ in the worker (``post_worker_init``) and dumped at exit (``worker_exit``),
 connects N clients at once with the load client, and prints the functions with
 the most own time, then the same grouped by where they live (gunicorn, gevent,
 wsgi_hijack, the standard library). Under gevent the profiler sees every
-greenlet, so "own time" is what each function cost across all requests.
+greenlet, so "own time" is what each function cost across all requests; it
+counts CPU time (``time.process_time``), not wall time.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 PROFILE_CONF = '''
-import cProfile, os, runpy
+import cProfile, os, runpy, time
 _base = runpy.run_path({conf!r})
 globals().update({{k: v for k, v in _base.items() if not k.startswith("__")}})
-_profile = cProfile.Profile()
+# CPU time, not wall time: a loopback send() that wakes a client would
+# otherwise be charged with the time the client then runs on our core.
+_profile = cProfile.Profile(time.process_time)
 
 def post_worker_init(worker):
     _base["post_worker_init"](worker)
