@@ -279,7 +279,9 @@ def write_markdown(path: Path, results: list[dict], meta: dict, soak: dict | Non
         f"Run {meta['date']} on {meta['machine']}; heartbeat {meta['heartbeat']:g} s; "
         f"`{meta['command']}`.",
         "Every figure comes from this one run; ratios are against the baseline or floor "
-        "measured in it.",
+        "measured in it. The load client runs on the same 2 cores as the server, so wall "
+        "times (write run, time to all heads) include preemption by it; between repeated "
+        "runs the CPU and write-run figures varied by about 20 %.",
         "",
         f"## Targets at N = {top:,}",
         "",
@@ -363,9 +365,11 @@ def plot_soak(out: Path, soak: dict) -> Path:
     ax2 = ax.twinx()
     ax2.plot([p["t"] for p in tl], [p["fds"] for p in tl], color="tab:orange", label="fds")
     ax2.set_ylabel("server fds")
-    ax.set_ylim(bottom=0)
-    ax2.set_ylim(bottom=0)
-    fig.legend(loc="lower right")
+    # Different heights, so two flat lines do not hide each other.
+    ax.set_ylim(0, max([p["rss"] / 2**20 for p in tl] + [1]) * 1.6)
+    ax2.set_ylim(0, max([p["fds"] for p in tl] + [1]) * 1.15)
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right")
     fig.tight_layout()
     path = out / "soak.png"
     fig.savefig(path)
