@@ -7,19 +7,12 @@ received, nothing lost); no timing.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
-
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None
-                                or shutil.which("ss") is None,
-                                reason="needs redis-server and ss")
 
 
 def _run(script: str, args: list[str], tmp_path: Path, timeout: float) -> dict:
