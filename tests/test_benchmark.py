@@ -44,3 +44,43 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
     for png in ("rss_per_connection.png", "heartbeat_round.png", "soak.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
         assert f"]({png})" in md
+
+
+def test_send_threads_deliver_every_beat_and_drop_the_closed(monkeypatch):
+    """WSGI_HIJACK_SEND_THREADS (measured as hijack-threads): same results as one thread."""
+    import socket
+
+    import gevent
+
+    from wsgi_hijack import reactor as reactor_module
+    from wsgi_hijack.protocols.plain import PlainStream
+
+    monkeypatch.setenv("WSGI_HIJACK_SEND_THREADS", "3")
+    monkeypatch.setattr(reactor_module, "_THREADED_MIN", 1)
+    reactor = reactor_module.Reactor(heartbeat=3600).start()
+    assert len(reactor._senders) == 2
+    peers = []
+    try:
+        for _ in range(60):
+            ours, theirs = socket.socketpair()
+            reactor.hold(ours, PlainStream(b"BEEP\n"))
+            peers.append(theirs)
+        gevent.sleep(0.05)  # let the reactor adopt them
+        assert len(reactor) == 60
+        peers[7].close()
+        gevent.sleep(0.05)
+        for _ in range(3):
+            reactor.heartbeat_round()
+        assert len(reactor) == 59
+        for i, peer in enumerate(peers):
+            if i == 7:
+                continue
+            peer.settimeout(5)
+            data = b""
+            while len(data) < 15:
+                data += peer.recv(100)
+            assert data == b"BEEP\n" * 3, i
+    finally:
+        reactor.close(goodbye=False)
+        for peer in peers:
+            peer.close()

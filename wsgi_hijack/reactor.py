@@ -83,7 +83,15 @@ _write = os.write
 _read = os.read
 
 
-_THREADED_MIN = 2000
+# WSGI_HIJACK_SEND_THREADS=K (default 1) spreads each heartbeat round over K
+# OS threads (write() releases the GIL). Measured on 2 cores with the load
+# client on the same cores (benchmarks/results/, hijack-threads): with K=2 the
+# write run over 10,000-19,900 connections took 0.54-0.89 x the single-thread
+# run in 5 of 6 runs (1.15 x in one), below the C single-thread floor in some,
+# at the same CPU per heartbeat; at 2,500 it was slower (1.12 x), at 5,000
+# mixed (0.73 and 1.69 x). So it stays opt-in, and is used only for rounds of
+# at least this many connections.
+_THREADED_MIN = 10000
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 
@@ -754,8 +762,8 @@ class Reactor:
         # error, a partial write) goes to _write, which buffers or drops.
         senders = self._senders
         if senders and len(conns) >= _THREADED_MIN:
-            # Experiment (WSGI_HIJACK_SEND_THREADS=K): spread the round over K OS
-            # threads; write() releases the GIL. The helpers only write; what
+            # WSGI_HIJACK_SEND_THREADS=K: spread the round over K OS threads;
+            # write() releases the GIL. The helpers only write; what
             # they could not, the reactor's thread handles after the join.
             k = len(senders) + 1
             step = -(-len(conns) // k)
