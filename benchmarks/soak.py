@@ -84,7 +84,7 @@ def slope(values: list[float]) -> float:
 def series(rows: list[dict], key: str) -> dict:
     values = [r[key] for r in rows]
     return {"first": values[0], "last": values[-1], "max": max(values), "min": min(values),
-            "slope_per_minute": round(slope(values), 1)}
+            "slope_per_minute": round(slope(values), 2) + 0.0}
 
 
 def run(n: int, minutes: int, minute_seconds: float, replace_fraction: float,
@@ -213,7 +213,10 @@ def markdown(r: dict) -> str:
            f"{r['heartbeat']} s; {r['client_processes']} client processes",
            f"- Result: **{'no loss, all held' if r['ok'] else 'FAILED'}**", "",
            f"Connected in {r['connect_seconds']} s. Published {r['published']:,} messages "
-           f"(ids {r['first_id']}..{r['last_id']}, one every {r['publish_interval']} s, "
+           f"(ids {r['first_id']}..{r['last_id']}, one every {r['publish_interval']} s "
+           f"scheduled, {r['published'] / (r['minutes'] * r['minute_seconds']):.2f}/s "
+           "achieved: the POSTs go to the same worker, busy writing the previous messages to "
+           f"{r['connections']:,} connections, and the next POST waits for the last answer; "
            f"{r['publish_error_count']} publish errors, slowest POST "
            f"{r['publish_post_ms_max']} ms); {r['replaced']:,} connections replaced (each "
            "new one sending its predecessor's `Last-Event-ID`).", "",
