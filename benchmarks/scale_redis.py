@@ -627,8 +627,10 @@ def markdown(report: dict) -> str:
                 f"{s['client_processes']} client processes (source addresses "
                 f"{', '.join(str(a) for a in s['sources'])}); all connected in "
                 f"{s['connect_seconds']} s ({s['retries']} connects retried: "
-                f"{s['errors']}; failed {s['failed']}). Held: {s['held_by_clients']:,} "
-                f"by the clients, {s['held_by_workers']:,} by the workers.", "",
+                f"{s['errors']}; failed {s['failed']}; kernel counters over the connect "
+                f"phase, machine-wide: {s.get('kernel_counters_connect_phase', 'not recorded')})."
+                f" Held: {s['held_by_clients']:,} by the clients, {s['held_by_workers']:,} by "
+                "the workers (each worker's fds that are established sockets on the port).", "",
                 "| worker pid | held | open fds | RSS held (MiB) | RSS after publishes (MiB) |",
                 "| --- | ---: | ---: | ---: | ---: |"]
         out += [f"| {w['pid']} | {w['held']:,} | {w['fds']:,} | {w['rss_mib']} | "

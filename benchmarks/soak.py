@@ -88,9 +88,11 @@ def series(rows: list[dict], key: str) -> dict:
 
 
 def run(n: int, minutes: int, minute_seconds: float, replace_fraction: float,
-        publish_interval: float, processes: int, heartbeat: float, window: int) -> dict:
+        publish_interval: float, processes: int, heartbeat: float, window: int,
+        history_size: int | None = None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
-    server = Gunicorn(workdir, 1, None, heartbeat=heartbeat)
+    extra = {"WSGI_HIJACK_HISTORY_SIZE": str(history_size)} if history_size else {}
+    server = Gunicorn(workdir, 1, None, heartbeat=heartbeat, extra_env=extra)
     clients = publisher = None
     try:
         log(f"soak: gunicorn (1 worker, pid {server.pids[0]}) on port {server.port}; "
@@ -156,7 +158,8 @@ def run(n: int, minutes: int, minute_seconds: float, replace_fraction: float,
         report = {
             "connections": n, "minutes": minutes, "minute_seconds": minute_seconds,
             "replace_fraction": replace_fraction, "publish_interval": publish_interval,
-            "heartbeat": heartbeat, "client_processes": len(clients.procs),
+            "heartbeat": heartbeat, "history_size": history_size,
+            "client_processes": len(clients.procs),
             "connect_seconds": round(connect_s, 1),
             "published": len(ids), "first_id": first_id, "last_id": last_id,
             "id_range_gapless": ids == list(range(first_id, last_id + 1)),
@@ -210,7 +213,8 @@ def markdown(r: dict) -> str:
            f"{m['python']}, RLIMIT_NOFILE hard {m['nofile_hard']}; load average "
            f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end",
            f"- Server: one gunicorn worker (`gunicorn.conf.py`, in-process bus), heartbeat "
-           f"{r['heartbeat']} s; {r['client_processes']} client processes",
+           f"{r['heartbeat']} s, history {r.get('history_size') or 'default (1000)'} messages; "
+           f"{r['client_processes']} client processes",
            f"- Result: **{'no loss, all held' if r['ok'] else 'FAILED'}**", "",
            f"Connected in {r['connect_seconds']} s. Published {r['published']:,} messages "
            f"(ids {r['first_id']}..{r['last_id']}, one every {r['publish_interval']} s "
@@ -256,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=float, default=10.0,
                         help="WSGI_HIJACK_HEARTBEAT of the server")
     parser.add_argument("--window", type=int, default=1000)
+    parser.add_argument("--history-size", type=int,
+                        help="WSGI_HIJACK_HISTORY_SIZE of the server (default: its own, 1000)")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--md-out", type=Path, help="write the report as Markdown here")
     args = parser.parse_args(argv)
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python benchmarks/soak.py " + " ".join(argv), "machine": machine()}
     report.update(run(args.connections, args.minutes, args.minute_seconds,
                       args.replace_fraction, args.publish_interval, args.processes,
-                      args.heartbeat, args.window))
+                      args.heartbeat, args.window, args.history_size))
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["ok"] = report["no_loss"] and report["all_held"]
     return write_report(report, args.json_out, args.md_out, markdown)
