@@ -97,6 +97,8 @@ int main(int argc, char **argv) {
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    /* FLOOR_NODELAY=1: TCP_NODELAY on every connection, as gunicorn sets it. */
+    if (getenv("FLOOR_NODELAY")) setsockopt(ls, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 4096)) { perror("listen"); return 1; }
     int ep = epoll_create1(0);
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = ls};
