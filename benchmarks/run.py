@@ -60,9 +60,7 @@ TARGET_ROUND_VS_FLOOR = 1.15
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return loadclient.free_server_port()
 
 
 def _raise_nofile() -> None:

@@ -16,32 +16,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
 def free_port() -> int:
     """A free port *below* the ephemeral range: the many outgoing connections
     of load tests take ephemeral ports, and could take ours between our check
     and the server's bind."""
-    import random
+    from wsgi_hijack.loadclient import free_server_port
 
-    low = _ephemeral_range()[0]
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_server_port()
 
 
 class Server:

@@ -15,19 +15,15 @@ import pytest
 
 from wsgi_hijack import loadclient
 
+from .conftest import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def demo(tmp_path):
     """The demo under gunicorn with a 0.2 s heartbeat: (url, master pid)."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, WSGI_HIJACK_HEARTBEAT="0.2")
     log = open(tmp_path / "gunicorn.log", "wb")
     proc = subprocess.Popen(
@@ -111,7 +107,7 @@ def test_counts_drops_when_the_server_goes_away(demo):
 
 
 def test_refused_connections_fail_after_retries():
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     report = loadclient.run(f"http://127.0.0.1:{port}/", 5, duration=0, progress=0, retries=2)
     c = report["connections"]
     assert (c["failed"], c["held"], c["attempts"]) == (5, 0, 15)

@@ -30,8 +30,10 @@ import ipaddress
 import json
 import math
 import os
+import random
 import resource
 import selectors
+import socket
 import statistics
 import subprocess
 import sys
@@ -82,13 +84,37 @@ def _sample(pids: list[int]) -> list[dict]:
 
 # -- planning --------------------------------------------------------------------------------
 
-def ephemeral_ports() -> int:
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range (outgoing connections take these)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low, high = (int(x) for x in f.read().split())
-        return high - low + 1
+        return low, high
     except (OSError, ValueError):
-        return 28232
+        return 32768, 60999
+
+
+def ephemeral_ports() -> int:
+    low, high = ephemeral_range()
+    return high - low + 1
+
+
+def free_server_port(host: str = "127.0.0.1") -> int:
+    """A free port *below* the ephemeral range, for a server under load: the
+    load client's many outgoing connections take ephemeral ports, and could
+    take the server's between this check and its bind."""
+    low = ephemeral_range()[0]
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def default_per_process() -> int:
