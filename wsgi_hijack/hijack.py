@@ -27,6 +27,7 @@ partial hijack are the ones that reached the middleware through the app's
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from collections.abc import Callable, Iterable
@@ -119,6 +120,23 @@ class HijackedSocket:
 
 
 def encode_head(status: str, headers: list[tuple[str, str]]) -> bytes:
+    """The HTTP/1.1 status line and header block, validated like a server would.
+
+    Streams answer with the same head every time, so heads are cached (found
+    in the reconnect-storm profile).
+    """
+    try:
+        return _encode_head_cached(status, tuple(headers))
+    except TypeError:  # something unhashable: let the checks below say what
+        return _encode_head(status, headers)
+
+
+@functools.lru_cache(maxsize=256)
+def _encode_head_cached(status: str, headers: tuple) -> bytes:
+    return _encode_head(status, list(headers))
+
+
+def _encode_head(status: str, headers: list[tuple[str, str]]) -> bytes:
     """The HTTP/1.1 status line and header block, validated like a server would.
 
     A CR or LF in a name or value would let the app (or whoever fed it the
