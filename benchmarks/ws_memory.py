@@ -169,6 +169,24 @@ def _publish(port: int, data: str) -> int:
         return json.loads(response.read())["id"]
 
 
+def _write_runs(port: int) -> tuple[float, float] | None:
+    """(seconds summed, rounds) of heartbeat write runs so far, from /metrics."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        for key in ("wsgi_hijack_write_run_seconds_sum", "wsgi_hijack_write_run_seconds_count"):
+            if line.startswith(key + " "):
+                values[key] = float(line.split()[1])
+    if "wsgi_hijack_write_run_seconds_count" not in values:
+        return None
+    return (values["wsgi_hijack_write_run_seconds_sum"],
+            values["wsgi_hijack_write_run_seconds_count"])
+
+
 def _percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -213,6 +231,7 @@ def run(connections: int, processes: int, heartbeat: float = 10.0,
                 raise RuntimeError(value)
             opened += value
         connect_seconds = time.monotonic() - start
+        runs_before = _write_runs(port)  # rounds from here on run over all connections
         # Pings queued while the clients were busy connecting are answered, and
         # at least one more round of pings and pongs passes.
         time.sleep(2 * heartbeat + 1)
@@ -227,6 +246,11 @@ def run(connections: int, processes: int, heartbeat: float = 10.0,
             post_ms.append(round((time.monotonic() - t0) * 1000, 2))
             time.sleep(2.0)
         rss_after = worker.memory_info().rss
+        runs_after = _write_runs(port)
+        write_run_ms = None
+        if runs_before and runs_after and runs_after[1] > runs_before[1]:
+            write_run_ms = round((runs_after[0] - runs_before[0])
+                                 / (runs_after[1] - runs_before[1]) * 1000, 2)
         latencies: list[float] = []
         per_message: dict[int, list[float]] = {}
         closed = 0
@@ -261,6 +285,11 @@ def run(connections: int, processes: int, heartbeat: float = 10.0,
                 "p99": round(_percentile(latencies, 0.99) * 1000, 2),
                 "max": round(max(latencies) * 1000, 2),
             } if latencies else None,
+            # The reactor's mean heartbeat write run over the same connections in
+            # this run (from /metrics), and p99 latency as a multiple of it.
+            "write_run_ms": write_run_ms,
+            "p99_over_write_run": (round(_percentile(latencies, 0.99) * 1000 / write_run_ms, 2)
+                                   if latencies and write_run_ms else None),
         }
     finally:
         for proc, _ in clients:
