@@ -28,7 +28,11 @@ _DROPS = {"dropped_closed": "closed", "dropped_slow": "slow",
           "dropped_protocol": "protocol", "dropped_dead": "dead"}
 
 
-class ReactorMetrics:
+class _Instruments:
+    """The metric objects: one set per process, since a registry takes each
+    name once. A reactor started after another closed (get_reactor() again)
+    reuses them; counters go on from where they were."""
+
     def __init__(self) -> None:
         self.held = Gauge("wsgi_hijack_held_connections", "Connections held by the reactor",
                           ["protocol"], multiprocess_mode="livesum")
@@ -46,8 +50,27 @@ class ReactorMetrics:
         self.delivered = Counter("wsgi_hijack_messages_delivered",
                                  "Message frames written to subscribers")
         self.bus_errors = Counter("wsgi_hijack_bus_errors", "Bus operations that failed")
+        #: protocol labels the held gauge has been set for
+        self.protocols: set[str] = set()
+
+
+_instruments: _Instruments | None = None
+
+
+class ReactorMetrics:
+    def __init__(self) -> None:
+        global _instruments
+        if _instruments is None:
+            _instruments = _Instruments()
+        m = _instruments
+        self.held, self.hijacks, self.dropped = m.held, m.hijacks, m.dropped
+        self.completed, self.write_run = m.completed, m.write_run
+        self.published, self.delivered, self.bus_errors = m.published, m.delivered, m.bus_errors
+        # An earlier reactor's held connections are gone with it.
+        for name in m.protocols:
+            self.held.labels(name).set(0)
+        self._protocols = m.protocols
         self._last: dict[str, float] = {}
-        self._protocols: set[str] = set()
 
     def _delta(self, stats: dict, key: str) -> float:
         value = stats.get(key, 0)
@@ -61,7 +84,7 @@ class ReactorMetrics:
             self.held.labels(name).set(0)
         for name, count in held_by_protocol.items():
             self.held.labels(name).set(count)
-        self._protocols = set(held_by_protocol)
+        self._protocols.update(held_by_protocol)
         for key, counter, label in (("adopted", self.hijacks, "accepted"),
                                     ("refused", self.hijacks, "refused")):
             delta = self._delta(stats, key)

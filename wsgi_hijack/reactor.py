@@ -45,6 +45,7 @@ import signal
 import threading
 import time
 from collections import deque
+from itertools import repeat
 from typing import Any
 
 import gevent
@@ -103,29 +104,33 @@ def _send_threads() -> int:
         return 1
 
 
-def _raw_beats(conns: list[Connection]) -> list[tuple[Connection, bytes, int | None]]:
-    """One write() of the heartbeat per connection; return what needs the slow path.
+def _raw_beats(fds: list[int], beat: bytes) -> list[tuple[int, int | None]]:
+    """Write ``beat`` once to each fd; return ``(fd, sent)`` for those that
+    need the slow path (``sent`` None: the write raised).
 
+    The loop runs in C: ``map(os.write, ...)`` drained by ``list.extend``,
+    so the Python cost per connection is one builtin call (measured about
+    0.1 us, against 1.5-2 us for a bytecode loop that reads each
+    connection's protocol: pointer chasing through 19,900 objects, benchmarks/
+    results/results.md). A write that raises (would block, or the client is
+    gone) stops ``extend``; the fd it failed on has been consumed from the
+    shared iterator, so it is marked -1 and the loop goes on after it.
     Touches no reactor state, so it may run in any OS thread.
     """
-    trouble = []
-    write = _write
-    for conn in conns:
-        beat = conn.protocol.heartbeat
-        fd = conn.fd
-        if not beat or fd < 0:
-            continue
-        if conn.outbuf:
-            trouble.append((conn, beat, None))
-            continue
+    results: list[int] = []
+    remaining = iter(fds)
+    beats = repeat(beat)
+    while True:
         try:
-            sent = write(fd, beat)
+            results.extend(map(_write, remaining, beats))
+            break
         except OSError:  # would block: buffered; an error: dropped (by _write)
-            trouble.append((conn, beat, None))
-            continue
-        if sent != len(beat):
-            trouble.append((conn, beat, sent))
-    return trouble
+            results.append(-1)
+    size = len(beat)
+    if results.count(size) == len(results):  # the common case: all taken whole
+        return []
+    return [(fd, None if sent < 0 else sent)
+            for fd, sent in zip(fds, results, strict=True) if sent != size]
 
 
 class _Sender:
@@ -136,23 +141,23 @@ class _Sender:
         self._go.acquire()
         self._done = _allocate_lock()
         self._done.acquire()
-        self._work: list[Connection] = []
+        self._work: tuple[list[int], bytes] = ([], b"")
         self._trouble: list = []
         _start_thread(self._loop, ())
 
     def _loop(self) -> None:
         while True:
             self._go.acquire()
-            self._trouble = _raw_beats(self._work)
+            self._trouble = _raw_beats(*self._work)
             self._done.release()
 
-    def start(self, conns: list[Connection]) -> None:
-        self._work = conns
+    def start(self, fds: list[int], beat: bytes) -> None:
+        self._work = (fds, beat)
         self._go.release()
 
     def join(self) -> list:
         self._done.acquire()
-        self._work = []
+        self._work = ([], b"")
         return self._trouble
 
 
@@ -169,6 +174,13 @@ class Reactor:
         self.pid = os.getpid()
         self._senders = [_Sender() for _ in range(_send_threads() - 1)]
         self._conns: dict[int, Connection] = {}
+        # heartbeat bytes -> the connections that take it (fd -> Connection):
+        # a round writes each group with one C-speed loop over its fds, never
+        # touching a protocol. A protocol's heartbeat is read once, when stored.
+        self._beating: dict[bytes, dict[int, Connection]] = {}
+        # fds with bytes waiting in their outbuf (armed for EPOLLOUT): a round
+        # must not write past them, so they take the slow path.
+        self._armed: set[int] = set()
         self._inbox: deque[tuple[Connection, bytes, int | None, float | None]] = deque()
         self._outbox: deque[Any] = deque()  # published messages, in id order
         self._subscribers: dict[str, set[Connection]] = {}
@@ -435,6 +447,12 @@ class Reactor:
                 _close_fd(conn)
                 continue
             self._conns[conn.fd] = conn
+            beat = conn.protocol.heartbeat
+            if beat:
+                group = self._beating.get(beat)
+                if group is None:
+                    group = self._beating[beat] = {}
+                group[conn.fd] = conn
             self.stats["adopted"] += 1
             name = conn.protocol.name
             self.held_by_protocol[name] = self.held_by_protocol.get(name, 0) + 1
@@ -748,42 +766,54 @@ class Reactor:
                 return
             conn.outbuf = data[sent:]
             self._epoll.modify(conn.fd, _READ_MASK | EPOLLOUT)
+            self._armed.add(conn.fd)
 
     def write(self, conn: Connection, data: bytes) -> None:
         """Write to one held connection; call from the reactor's thread."""
         if conn.fd >= 0:
             self._write(conn, data)
 
-    def _beat_all(self, conns: list[Connection]) -> None:
-        # The hot loop: one write() per connection, inlined. The kernel's send
-        # path is most of the cost (about 90 % of the CPU per beat on
-        # loopback), so the Python around it is kept to a few attribute loads.
+    def _beat_all(self, beat: bytes, group: dict[int, Connection]) -> None:
+        # The hot loop: one write() per connection, run in C by _raw_beats.
+        # The kernel's send path is most of the cost on loopback, so the
+        # Python around it is one list copy and one builtin call per fd.
         # Anything unusual (bytes already waiting, a full send buffer, an
         # error, a partial write) goes to _write, which buffers or drops.
+        armed = self._armed
+        if armed:  # these get the beat behind the bytes they are waiting to send
+            waiting = [group[fd] for fd in armed if fd in group]
+            fds = [fd for fd in group if fd not in armed]
+        else:
+            waiting = []
+            fds = list(group)
         senders = self._senders
-        if senders and len(conns) >= _THREADED_MIN:
+        if senders and len(fds) >= _THREADED_MIN:
             # WSGI_HIJACK_SEND_THREADS=K: spread the round over K OS threads;
             # write() releases the GIL. The helpers only write; what
             # they could not, the reactor's thread handles after the join.
             k = len(senders) + 1
-            step = -(-len(conns) // k)
+            step = -(-len(fds) // k)
             for i, sender in enumerate(senders, 1):
-                sender.start(conns[i * step:(i + 1) * step])
-            trouble = _raw_beats(conns[:step])
+                sender.start(fds[i * step:(i + 1) * step], beat)
+            trouble = _raw_beats(fds[:step], beat)
             for sender in senders:
                 trouble += sender.join()
         else:
-            trouble = _raw_beats(conns)
+            trouble = _raw_beats(fds, beat)
         slow = self._write
-        for conn, beat, sent in trouble:
-            if conn.fd >= 0:
+        for fd, sent in trouble:
+            conn = group.get(fd)
+            if conn is not None and conn.fd >= 0:
                 slow(conn, beat if sent is None else beat[sent:])
+        for conn in waiting:
+            if conn.fd >= 0:
+                slow(conn, beat)
 
     def heartbeat_round(self) -> float:
         """Write every connection's heartbeat; return the write run's seconds."""
-        conns = list(self._conns.values())
         start = time.perf_counter()
-        self._beat_all(conns)
+        for beat, group in list(self._beating.items()):
+            self._beat_all(beat, group)
         elapsed = time.perf_counter() - start
         if self._watched:
             now = time.monotonic()
@@ -817,6 +847,7 @@ class Reactor:
                 self._drop(conn, "completed")
                 return
             self._epoll.modify(conn.fd, _READ_MASK)
+            self._armed.discard(conn.fd)
 
     # -- 5. dropped, 6. closed ----------------------------------------------------------
 
@@ -825,6 +856,13 @@ class Reactor:
         if fd < 0:
             return
         del self._conns[fd]
+        beat = conn.protocol.heartbeat
+        if beat:
+            group = self._beating[beat]
+            del group[fd]
+            if not group:
+                del self._beating[beat]
+        self._armed.discard(fd)
         self.held_by_protocol[conn.protocol.name] -= 1
         self._watched.discard(conn)
         if conn.ip is not None:

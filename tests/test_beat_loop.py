@@ -1,0 +1,145 @@
+"""The heartbeat round's hot loop: a C-speed loop over fds, with a slow path
+for whatever the kernel does not take whole. In-process, on socketpairs."""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+import pytest
+
+from wsgi_hijack import reactor as reactor_module
+from wsgi_hijack.protocols.plain import PlainStream
+from wsgi_hijack.protocols.sse import ServerSentEvents
+
+from .test_wire import recv_exactly
+
+BEAT = b"BEEP\n"
+
+
+def _fill(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+
+
+def test_raw_beats_hands_back_only_what_needs_the_slow_path():
+    pairs = [socket.socketpair() for _ in range(6)]
+    try:
+        for ours, _ in pairs:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        pairs[1][1].close()          # the peer is gone: EPIPE
+        _fill(pairs[3][0])           # the send buffer is full: would block
+        fds = [ours.fileno() for ours, _ in pairs]
+        for ours, _ in pairs:
+            ours.setblocking(False)
+        big = b"y" * (1 << 20)       # more than any send buffer: a partial write
+        trouble = reactor_module._raw_beats(fds, big)
+        by_fd = dict(trouble)
+        assert by_fd[fds[1]] is None and by_fd[fds[3]] is None
+        # every other fd took part of it: the loop went on past the failures
+        for i in (0, 2, 4, 5):
+            assert 0 < by_fd[fds[i]] < len(big), i
+        assert [fd for fd, _ in trouble] == [fds[i] for i in range(6)]
+
+        assert reactor_module._raw_beats([fds[0], fds[2]], b"") == []
+        assert reactor_module._raw_beats([], BEAT) == []
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+def test_all_beats_taken_whole_is_the_empty_answer():
+    pairs = [socket.socketpair() for _ in range(50)]
+    try:
+        assert reactor_module._raw_beats([a.fileno() for a, _ in pairs], BEAT) == []
+        for _, theirs in pairs:
+            assert theirs.recv(100) == BEAT
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+@pytest.fixture
+def reactor():
+    r = reactor_module.Reactor(heartbeat=3600).start()
+    yield r
+    r.close(goodbye=False)
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(5)
+    return recv_exactly(sock, n)
+
+
+def test_a_waiting_connection_gets_each_beat_once_behind_its_bytes(reactor):
+    ours, theirs = socket.socketpair()
+    other_ours, other_theirs = socket.socketpair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn = reactor.hold(ours, PlainStream(BEAT))
+        reactor.hold(other_ours, PlainStream(BEAT))
+        gevent.sleep(0.05)
+        backlog = b"".join(b"%06d\n" % i for i in range(5000))  # 35 KB, over the buffer
+        reactor.write(conn, backlog)
+        assert conn.outbuf, "the test needs bytes left waiting"
+        for _ in range(3):
+            reactor.heartbeat_round()
+        expected = backlog + BEAT * 3
+        got = b""
+        while len(got) < len(expected):  # read while the reactor drains the rest
+            theirs.settimeout(5)
+            got += theirs.recv(65536)
+            gevent.sleep(0.01)
+        assert got == expected
+        assert _read_exactly(other_theirs, 15) == BEAT * 3
+        gevent.sleep(0.05)
+        assert not conn.outbuf and conn.fd not in reactor._armed
+    finally:
+        for s in (theirs, other_theirs):
+            s.close()
+
+
+def test_each_protocol_gets_its_own_heartbeat_and_groups_empty_out(reactor):
+    plain_ours, plain_theirs = socket.socketpair()
+    sse_ours, sse_theirs = socket.socketpair()
+    try:
+        reactor.hold(plain_ours, PlainStream(BEAT))
+        reactor.hold(sse_ours, ServerSentEvents())
+        gevent.sleep(0.05)
+        assert len(reactor._beating) == 2
+        reactor.heartbeat_round()
+        assert _read_exactly(plain_theirs, len(BEAT)) == BEAT
+        ping = ServerSentEvents.heartbeat
+        assert _read_exactly(sse_theirs, len(ping)) == ping
+        plain_theirs.close()
+        sse_theirs.close()
+        reactor.heartbeat_round()  # EPIPE on both: dropped through the slow path
+        gevent.sleep(0.05)
+        assert len(reactor) == 0 and reactor._beating == {} and reactor._armed == set()
+        assert reactor.stats["dropped_closed"] == 2
+    finally:
+        plain_theirs.close()
+        sse_theirs.close()
+
+
+def test_a_reactor_started_after_another_closed_works():
+    """Metrics are process-wide: a second reactor reuses them, it does not crash
+    on prometheus's duplicate-name check (the bug this test was written for)."""
+    first = reactor_module.Reactor(heartbeat=3600).start()
+    first.close(goodbye=False)
+    second = reactor_module.Reactor(heartbeat=3600).start()
+    try:
+        ours, theirs = socket.socketpair()
+        second.hold(ours, PlainStream(BEAT))
+        gevent.sleep(0.05)
+        second.heartbeat_round()
+        assert _read_exactly(theirs, len(BEAT)) == BEAT
+        theirs.close()
+    finally:
+        second.close(goodbye=False)
