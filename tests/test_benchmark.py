@@ -16,7 +16,7 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--ns", "150,300",
          "--heartbeat", "0.3", "--min-rounds", "3", "--messages", "300", "--threads", "2",
-         "--soak", "1.5", "--progress", "0", "--out", str(out)],
+         "--soak", "1.5", "--repeat", "2", "--progress", "0", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
@@ -24,11 +24,15 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
     kinds = {"hijack", "hijack-threads", "greenlet", "floor", "floor-threads"}
     for n in (150, 300):
         for kind in kinds:
-            (r,) = [r for r in runs if r["server"] == kind and r["n"] == n and not r["storm"]]
+            (r,) = [r for r in runs if r["server"] == kind and r["n"] == n and not r["storm"]
+                    and not r.get("repeat")]
             assert (r["held"], r["dropped"], r["failed"]) == (n, 0, 0), (kind, n)
             assert r["messages_min"] >= 1, (kind, n)
             assert r["rounds_logged"] >= 1 and r["round_s"] > 0, (kind, n)
             assert r["rss_per_connection"] is not None and r["fds_held"] >= n
+    repeats = sorted(r["server"] for r in runs if r.get("repeat") == 1)
+    assert repeats == ["floor", "hijack"] and all(r["n"] == 300 for r in runs
+                                                  if r.get("repeat"))
     storms = {r["server"] for r in runs if r["storm"]}
     assert storms == {"hijack", "greenlet"}
     assert data["soak"]["held"] == 300 and data["soak"]["report"]["server"][0]["timeline"]
@@ -38,6 +42,8 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
     for row in ("server RSS per held connection", "CPU per delivered heartbeat",
                 "heartbeat write run", "reconnect storm", "OS threads"):
         assert row in md, row
+    cpu_row = next(line for line in md.splitlines() if "CPU per delivered heartbeat" in line)
+    assert "median of 2 pairs" in cpu_row
     table = [line for line in md.splitlines() if line.startswith("| ")]
     for kind in kinds:
         assert any(line.startswith(f"| {kind} | 300 |") for line in table), kind
