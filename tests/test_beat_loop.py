@@ -26,7 +26,7 @@ def _fill(sock: socket.socket) -> None:
         pass
 
 
-def test_raw_beats_hands_back_only_what_needs_the_slow_path():
+def test_write_each_hands_back_only_what_needs_the_slow_path():
     pairs = [socket.socketpair() for _ in range(6)]
     try:
         for ours, _ in pairs:
@@ -37,7 +37,7 @@ def test_raw_beats_hands_back_only_what_needs_the_slow_path():
         for ours, _ in pairs:
             ours.setblocking(False)
         big = b"y" * (1 << 20)       # more than any send buffer: a partial write
-        trouble = reactor_module._raw_beats(fds, big)
+        trouble = reactor_module._write_each(fds, big)
         by_fd = dict(trouble)
         assert by_fd[fds[1]] is None and by_fd[fds[3]] is None
         # every other fd took part of it: the loop went on past the failures
@@ -45,8 +45,8 @@ def test_raw_beats_hands_back_only_what_needs_the_slow_path():
             assert 0 < by_fd[fds[i]] < len(big), i
         assert [fd for fd, _ in trouble] == [fds[i] for i in range(6)]
 
-        assert reactor_module._raw_beats([fds[0], fds[2]], b"") == []
-        assert reactor_module._raw_beats([], BEAT) == []
+        assert reactor_module._write_each([fds[0], fds[2]], b"") == []
+        assert reactor_module._write_each([], BEAT) == []
     finally:
         for ours, theirs in pairs:
             ours.close()
@@ -56,7 +56,7 @@ def test_raw_beats_hands_back_only_what_needs_the_slow_path():
 def test_all_beats_taken_whole_is_the_empty_answer():
     pairs = [socket.socketpair() for _ in range(50)]
     try:
-        assert reactor_module._raw_beats([a.fileno() for a, _ in pairs], BEAT) == []
+        assert reactor_module._write_each([a.fileno() for a, _ in pairs], BEAT) == []
         for _, theirs in pairs:
             assert theirs.recv(100) == BEAT
     finally:
@@ -143,3 +143,72 @@ def test_a_reactor_started_after_another_closed_works():
         theirs.close()
     finally:
         second.close(goodbye=False)
+
+
+def _read_until(sock: socket.socket, ending: bytes, limit: float = 5) -> bytes:
+    sock.settimeout(limit)
+    data = b""
+    while not data.endswith(ending):
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data[-200:]!r}"
+        data += chunk
+        gevent.sleep(0.01)  # the reactor drains waiting bytes meanwhile
+    return data
+
+
+def test_a_message_fans_out_per_framer_past_waiting_and_dead_subscribers(reactor):
+    """One message to SSE, chunked and long-poll subscribers of one channel:
+    each framer's frame is made once and written by the C loop; a subscriber
+    with bytes waiting gets it behind them, a dead one is dropped, a one-shot
+    one completes, and the others are untouched."""
+    import time
+
+    from wsgi_hijack.bus import Message
+    from wsgi_hijack.streams import CHUNKED, LONG_POLL, SSE
+
+    def held(protocol, channel="news", sndbuf=None):
+        ours, theirs = socket.socketpair()
+        if sndbuf:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        return reactor.hold(ours, protocol, channels=(channel,)), theirs
+
+    subs = {name: held(p, sndbuf=4096 if name == "sse_waiting" else None) for name, p in
+            (("sse", SSE), ("sse_waiting", SSE), ("sse_dead", SSE),
+             ("chunked", CHUNKED), ("poll", LONG_POLL))}
+    other = held(SSE, channel="other")
+    try:
+        gevent.sleep(0.05)
+        assert reactor.subscriber_count("news") == 5
+        # the opening SSE retry line, so what follows is only the message
+        for theirs in (subs["sse"][1], subs["sse_dead"][1], other[1]):
+            theirs.settimeout(5)
+            assert theirs.recv(100).startswith(b"retry: ")
+        backlog = b"".join(b": %06d\n" % i for i in range(5000))
+        reactor.write(subs["sse_waiting"][0], backlog)
+        assert subs["sse_waiting"][0].outbuf
+        subs["sse_dead"][1].close()
+
+        message = Message(1, "news", "hello\nworld", "greeting", time.time())
+        reactor.dispatch(message)
+        gevent.sleep(0.1)
+        sse_frame = SSE.frame(message)
+        assert len(message.frames) == 3  # SSE, chunked, long-poll: once each
+        assert _read_until(subs["sse"][1], sse_frame) == sse_frame
+        assert _read_until(subs["chunked"][1], CHUNKED.frame(message)) == CHUNKED.frame(message)
+        got = _read_until(subs["sse_waiting"][1], sse_frame)
+        assert got.endswith(backlog + sse_frame) and got.count(b"hello") == 1
+        poll = subs["poll"][1]
+        poll.settimeout(5)
+        answer = b""
+        while chunk := poll.recv(65536):
+            answer += chunk
+        assert answer == LONG_POLL.frame(message)  # complete, then closed
+        other[1].settimeout(0.2)
+        with pytest.raises(TimeoutError):  # another channel's subscriber: nothing
+            other[1].recv(100)
+        assert reactor.stats["deliveries"] == 5
+        assert reactor.subscriber_count("news") == 3  # the dead and the completed left
+        assert reactor.stats["dropped_closed"] == 1 and reactor.stats["completed"] == 1
+    finally:
+        for _, theirs in [*subs.values(), other]:
+            theirs.close()

@@ -17,7 +17,10 @@ The life of a held connection, all in this file:
    is armed for ``EPOLLOUT``. Heartbeats are written each round; published
    messages arrive through :meth:`Reactor.dispatch` (any thread) and
    :meth:`Reactor._deliver` writes each one's frame, made once per protocol,
-   to every subscriber; several waiting messages leave in one write. A
+   to every subscriber; several waiting messages leave in one write. The
+   same bytes to many connections (a heartbeat, a message) go out through
+   :meth:`Reactor._fan_out`: one loop in C over their fds, and ``_write``
+   only for those that have bytes waiting or whose write fell short. A
    one-shot protocol (long-poll) is complete after one delivery, or when its
    deadline passes (:meth:`Reactor._expire`), and then closes.
 4. **drained** -- :meth:`Reactor._flush` runs when the fd is writable and
@@ -104,29 +107,31 @@ def _send_threads() -> int:
         return 1
 
 
-def _raw_beats(fds: list[int], beat: bytes) -> list[tuple[int, int | None]]:
-    """Write ``beat`` once to each fd; return ``(fd, sent)`` for those that
+def _write_each(fds: list[int], data: bytes) -> list[tuple[int, int | None]]:
+    """Write ``data`` once to each fd; return ``(fd, sent)`` for those that
     need the slow path (``sent`` None: the write raised).
 
     The loop runs in C: ``map(os.write, ...)`` drained by ``list.extend``,
-    so the Python cost per connection is one builtin call (measured about
-    0.1 us, against 1.5-2 us for a bytecode loop that reads each
-    connection's protocol: pointer chasing through 19,900 objects, benchmarks/
-    results/results.md). A write that raises (would block, or the client is
+    so the Python cost per connection is one builtin call on an int from a
+    list, touching no object of the connection's. The bytecode loop it
+    replaced read each connection's protocol and buffer: 0.1 us more per
+    write with warm caches, 0.4-1.4 us more with cold ones, which a round
+    has, the kernel's send path evicting them between two connections
+    (``benchmarks/fanout_loop.py``). A write that raises (would block, or the client is
     gone) stops ``extend``; the fd it failed on has been consumed from the
     shared iterator, so it is marked -1 and the loop goes on after it.
     Touches no reactor state, so it may run in any OS thread.
     """
     results: list[int] = []
     remaining = iter(fds)
-    beats = repeat(beat)
+    same = repeat(data)
     while True:
         try:
-            results.extend(map(_write, remaining, beats))
+            results.extend(map(_write, remaining, same))
             break
         except OSError:  # would block: buffered; an error: dropped (by _write)
             results.append(-1)
-    size = len(beat)
+    size = len(data)
     if results.count(size) == len(results):  # the common case: all taken whole
         return []
     return [(fd, None if sent < 0 else sent)
@@ -134,7 +139,8 @@ def _raw_beats(fds: list[int], beat: bytes) -> list[tuple[int, int | None]]:
 
 
 class _Sender:
-    """A real OS thread (not a greenlet, even when monkeypatched) that writes beats."""
+    """A real OS thread (not a greenlet, even when monkeypatched) that writes
+    one part of a fan-out."""
 
     def __init__(self) -> None:
         self._go = _allocate_lock()
@@ -148,11 +154,11 @@ class _Sender:
     def _loop(self) -> None:
         while True:
             self._go.acquire()
-            self._trouble = _raw_beats(*self._work)
+            self._trouble = _write_each(*self._work)
             self._done.release()
 
-    def start(self, fds: list[int], beat: bytes) -> None:
-        self._work = (fds, beat)
+    def start(self, fds: list[int], data: bytes) -> None:
+        self._work = (fds, data)
         self._go.release()
 
     def join(self) -> list:
@@ -183,7 +189,10 @@ class Reactor:
         self._armed: set[int] = set()
         self._inbox: deque[tuple[Connection, bytes, int | None, float | None]] = deque()
         self._outbox: deque[Any] = deque()  # published messages, in id order
-        self._subscribers: dict[str, set[Connection]] = {}
+        # channel -> framer -> fd -> Connection: the connections whose
+        # protocols share a framer take one frame of a message, written to
+        # all of them by one C-speed loop (_fan_out), like a heartbeat.
+        self._subscribers: dict[str, dict[Protocol, dict[int, Connection]]] = {}
         # connections whose protocol checks the peer is alive each round
         self._watched: set[Connection] = set()
         self._deadlines: list[tuple[float, int, Connection]] = []
@@ -507,21 +516,30 @@ class Reactor:
             # The replay read past what was delivered: those messages are
             # still on their way, and this connection already has them.
             self._skip[conn] = replay.last_id
+        framer = conn.protocol.framer
         for channel in conn.channels:
-            subscribers = self._subscribers.get(channel)
-            if subscribers is None:
-                subscribers = self._subscribers[channel] = set()
-            subscribers.add(conn)
+            by_framer = self._subscribers.get(channel)
+            if by_framer is None:
+                by_framer = self._subscribers[channel] = {}
+            group = by_framer.get(framer)
+            if group is None:
+                group = by_framer[framer] = {}
+            group[conn.fd] = conn
 
     def _unsubscribe(self, conn: Connection) -> None:
         self._waiting.pop(conn, None)
         self._skip.pop(conn, None)
+        framer = conn.protocol.framer
         for channel in conn.channels:
-            subscribers = self._subscribers.get(channel)
-            if subscribers is not None:
-                subscribers.discard(conn)
-                if not subscribers:
-                    del self._subscribers[channel]
+            by_framer = self._subscribers.get(channel)
+            if by_framer is not None:
+                group = by_framer.get(framer)
+                if group is not None and group.get(conn.fd) is conn:
+                    del group[conn.fd]
+                    if not group:
+                        del by_framer[framer]
+                        if not by_framer:
+                            del self._subscribers[channel]
             self._release(channel)
 
     def _release(self, channel: str) -> None:
@@ -550,7 +568,7 @@ class Reactor:
             self._async.send()
 
     def subscriber_count(self, channel: str) -> int:
-        return len(self._subscribers.get(channel, ()))
+        return sum(map(len, self._subscribers.get(channel, {}).values()))
 
     def _deliver(self) -> None:
         outbox = self._outbox
@@ -581,16 +599,27 @@ class Reactor:
             self._resyncing.extend(batch)
             return
         skip = self._skip
-        if len(batch) == 1 and not skip:  # the common case: one frame, written straight out
+        if len(batch) == 1 and not skip:
+            # The common case: one message, one frame per framer, written to
+            # each framer's subscribers as a heartbeat is: no per-subscriber
+            # Python beyond a builtin call, so delivery takes one write run.
             message = batch[0]
-            for conn in tuple(self._subscribers.get(message.channel, ())):
-                self._write_message(conn, framed(conn.protocol, message))
+            for framer, group in list(self._subscribers.get(message.channel, {}).items()):
+                data = framed(framer, message)
+                if framer.one_shot:  # each one completes and closes: the slow path
+                    for conn in list(group.values()):
+                        self._write_message(conn, data)
+                else:
+                    self.stats["deliveries"] += len(group)
+                    self._fan_out(data, group)
             self._delivered(message)
             return
         # Several messages waiting: gather each connection's frames, one write each.
         gathered: dict[Connection, list[bytes]] = {}
         for message in batch:
-            for conn in self._subscribers.get(message.channel, ()):
+            subscribers = [conn for group in self._subscribers.get(message.channel, {}).values()
+                           for conn in group.values()]
+            for conn in subscribers:
                 if conn.protocol.one_shot and conn in gathered:
                     continue  # its response is the first message; it polls again for more
                 if skip and skip.get(conn, 0) >= message.id:
@@ -773,14 +802,18 @@ class Reactor:
         if conn.fd >= 0:
             self._write(conn, data)
 
-    def _beat_all(self, beat: bytes, group: dict[int, Connection]) -> None:
-        # The hot loop: one write() per connection, run in C by _raw_beats.
-        # The kernel's send path is most of the cost on loopback, so the
-        # Python around it is one list copy and one builtin call per fd.
-        # Anything unusual (bytes already waiting, a full send buffer, an
-        # error, a partial write) goes to _write, which buffers or drops.
+    def _fan_out(self, data: bytes, group: dict[int, Connection]) -> None:
+        """Write the same ``data`` to every connection in ``group`` (fd -> conn).
+
+        The hot loop of heartbeats and messages: one write() per connection,
+        run in C by _write_each. The kernel's send path is most of the cost
+        on loopback, so the Python around it is one list copy and one
+        builtin call per fd. Anything unusual (bytes already waiting, a full
+        send buffer, an error, a partial write) goes to _write, which
+        buffers or drops.
+        """
         armed = self._armed
-        if armed:  # these get the beat behind the bytes they are waiting to send
+        if armed:  # these get it behind the bytes they are waiting to send
             waiting = [group[fd] for fd in armed if fd in group]
             fds = [fd for fd in group if fd not in armed]
         else:
@@ -788,32 +821,32 @@ class Reactor:
             fds = list(group)
         senders = self._senders
         if senders and len(fds) >= _THREADED_MIN:
-            # WSGI_HIJACK_SEND_THREADS=K: spread the round over K OS threads;
+            # WSGI_HIJACK_SEND_THREADS=K: spread the writes over K OS threads;
             # write() releases the GIL. The helpers only write; what
             # they could not, the reactor's thread handles after the join.
             k = len(senders) + 1
             step = -(-len(fds) // k)
             for i, sender in enumerate(senders, 1):
-                sender.start(fds[i * step:(i + 1) * step], beat)
-            trouble = _raw_beats(fds[:step], beat)
+                sender.start(fds[i * step:(i + 1) * step], data)
+            trouble = _write_each(fds[:step], data)
             for sender in senders:
                 trouble += sender.join()
         else:
-            trouble = _raw_beats(fds, beat)
+            trouble = _write_each(fds, data)
         slow = self._write
         for fd, sent in trouble:
             conn = group.get(fd)
             if conn is not None and conn.fd >= 0:
-                slow(conn, beat if sent is None else beat[sent:])
+                slow(conn, data if sent is None else data[sent:])
         for conn in waiting:
             if conn.fd >= 0:
-                slow(conn, beat)
+                slow(conn, data)
 
     def heartbeat_round(self) -> float:
         """Write every connection's heartbeat; return the write run's seconds."""
         start = time.perf_counter()
         for beat, group in list(self._beating.items()):
-            self._beat_all(beat, group)
+            self._fan_out(beat, group)
         elapsed = time.perf_counter() - start
         if self._watched:
             now = time.monotonic()
