@@ -306,9 +306,54 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=5)
     parser.add_argument("--sse", action="store_true",
                         help="the same measurement with Server-Sent Events, to compare")
+    parser.add_argument("--out", help="also write <protocol>_latency.json and .md here "
+                                      "(benchmarks/results for the figures in the repo)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.connections, args.processes, args.heartbeat, args.messages,
-                         args.sse), indent=2))
+    result = run(args.connections, args.processes, args.heartbeat, args.messages, args.sse)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/ws_memory.py " + " ".join(
+            sys.argv[1:] if argv is None else argv)
+        stem = f"{result['protocol']}_latency"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(markdown(result, command))
+
+
+def markdown(r: dict, command: str) -> str:
+    """The latency table for the repo, every ratio from this one run."""
+    name = {"sse": "SSE", "websocket": "WebSocket"}[r["protocol"]]
+    lat = r["latency_ms"] or {}
+    ratio = r["p99_over_write_run"]
+    verdict = "-" if ratio is None else ("met" if ratio <= 1.2 else "**not met**")
+    firsts = [f for f, _ in r["first_last_ms"]]
+    lasts = [last for _, last in r["first_last_ms"]]
+    return "\n".join([
+        f"# Publish-to-receive latency, {r['connections']:,} {name} subscribers, one worker",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores "
+        "shared by the server and the client processes, "
+        f"`{command}`.",
+        "Latency is measured at the clients: receive time minus the time the POST /publish "
+        "was sent.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| subscribers | {r['connections']:,} ({r['closed_by_server']} closed by the server) |",
+        f"| deliveries | {r['deliveries']:,} of {r['deliveries_expected']:,} |",
+        f"| latency min / p50 / p99 / max | {lat.get('min')} / {lat.get('median')} / "
+        f"{lat.get('p99')} / {lat.get('max')} ms |",
+        f"| first and last subscriber per message | {min(firsts, default=0):g}-"
+        f"{max(firsts, default=0):g} ms / {min(lasts, default=0):g}-"
+        f"{max(lasts, default=0):g} ms |",
+        f"| heartbeat write run over the same subscribers (same run) | {r['write_run_ms']} ms |",
+        f"| p99 / write run | {ratio} (target <= 1.2: {verdict}) |",
+        f"| server RSS per connection | {r['bytes_per_connection']} B |",
+        "",
+        f"Raw figures: `{r['protocol']}_latency.json`.",
+        "",
+    ])
 
 
 if __name__ == "__main__":

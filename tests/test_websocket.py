@@ -519,6 +519,26 @@ def test_memory_benchmark_small_run():
     assert result["bytes_per_connection"] < 8192, result
 
 
+def test_sse_latency_benchmark_small_run_writes_its_table(tmp_path):
+    """``ws_memory.py --sse --out``: the SSE latency table in the repo comes from here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ws_memory.py"
+    subprocess.run([sys.executable, str(script), "--sse", "--connections", "300",
+                    "--processes", "2", "--heartbeat", "1", "--messages", "2",
+                    "--out", str(tmp_path)],
+                   capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads((tmp_path / "sse_latency.json").read_text())
+    assert result["protocol"] == "sse" and result["connections"] == 300
+    assert result["deliveries"] == result["deliveries_expected"] == 600
+    assert result["write_run_ms"] > 0 and result["p99_over_write_run"] > 0
+    md = (tmp_path / "sse_latency.md").read_text()
+    assert "300 SSE subscribers" in md and "| deliveries | 600 of 600 |" in md
+    assert f"| p99 / write run | {result['p99_over_write_run']} (target <= 1.2: " in md
+
+
 @given(st.lists(st.one_of(
     st.binary(max_size=40),
     st.builds(lambda op, payload, fin, rsv: masked_frame(op, payload, fin, rsv),
