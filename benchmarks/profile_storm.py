@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         print("own time by where it lives:")
         for where, t in sorted(by_where.items(), key=lambda kv: -kv[1]):
             print(f"  {where:<45} {t:8.3f} s  {t / total:6.1%}")
+        ours = sorted(((tottime, calls, f"{Path(filename).name}:{line}({name})")
+                       for (filename, line, name), (_, calls, tottime, _, _)
+                       in stats.stats.items() if _where(filename) == "wsgi_hijack"),
+                      reverse=True)
+        print(f"wsgi_hijack's own time, per connection (N = {args.n:,}):")
+        for tottime, calls, where in ours[:args.top]:
+            print(f"  {where:<60} {tottime / args.n * 1e6:8.1f} us  ({calls} calls)")
     return 0
 
 
