@@ -90,3 +90,27 @@ def test_send_threads_deliver_every_beat_and_drop_the_closed(monkeypatch):
         reactor.close(goodbye=False)
         for peer in peers:
             peer.close()
+
+
+def test_storm_profile_small_run_names_our_functions():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_storm.py"), "-n", "200",
+         "--top", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "storm of 200: all heads in" in out
+    assert "own time by where it lives:" in out and "wsgi_hijack" in out
+    ours = out.split("wsgi_hijack's own time, per connection (N = 200):")[1]
+    assert "hijack.py" in ours and "(200 calls)" in ours
+
+
+def test_fanout_loop_benchmark_runs_small():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fanout_loop.py"), "-n", "300",
+         "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = dict(line.split(None, 1) for line in proc.stdout.splitlines()
+                if line.startswith(("bare ", "write_each ")))
+    assert set(rows) == {"bare", "write_each"}
+    assert "x bare" in rows["write_each"]
+    assert "bytecode_loop, shuffled" in proc.stdout
