@@ -52,11 +52,16 @@ def test_hijacked_socket_returns_pending_bytes_first():
 @pytest.mark.parametrize("name, value", [
     ("WSGI_HIJACK_HEARTBEAT", "abc"), ("WSGI_HIJACK_HEARTBEAT", "0"),
     ("WSGI_HIJACK_HEARTBEAT", "-1"), ("WSGI_HIJACK_MAX_BUFFER", "1.5"),
+    ("WSGI_HIJACK_SEND_THREADS", "two"), ("WSGI_HIJACK_SEND_THREADS", "0"),
 ])
 def test_bad_settings_say_what_to_fix(monkeypatch, name, value):
+    from wsgi_hijack import config
+
     monkeypatch.setenv(name, value)
+    read = {"WSGI_HIJACK_HEARTBEAT": heartbeat_interval, "WSGI_HIJACK_MAX_BUFFER": max_buffer,
+            "WSGI_HIJACK_SEND_THREADS": config.send_threads}[name]
     with pytest.raises(ValueError, match=name):
-        heartbeat_interval() if "HEARTBEAT" in name else max_buffer()
+        read()
 
 
 def test_settings_defaults_and_values(monkeypatch):

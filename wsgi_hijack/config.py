@@ -33,6 +33,13 @@ def max_buffer() -> int:
     return int(_positive("WSGI_HIJACK_MAX_BUFFER", DEFAULT_MAX_BUFFER, int))
 
 
+def send_threads() -> int:
+    """OS threads that share each fan-out of 10,000 connections or more (a
+    heartbeat round, a message): ``WSGI_HIJACK_SEND_THREADS``, default 1 (the
+    reactor's own thread only). See the reactor for what was measured."""
+    return int(_positive("WSGI_HIJACK_SEND_THREADS", 1, int))
+
+
 def log_level() -> str:
     """Level of the ``wsgi_hijack`` loggers: ``WSGI_HIJACK_LOG_LEVEL``, default INFO
     (each heartbeat round is logged at INFO, as the seed printed it)."""

@@ -87,24 +87,18 @@ _write = os.write
 _read = os.read
 
 
-# WSGI_HIJACK_SEND_THREADS=K (default 1) spreads each heartbeat round over K
-# OS threads (write() releases the GIL). Measured on 2 cores with the load
-# client on the same cores (benchmarks/results/, hijack-threads): with K=2 the
-# write run over 10,000-19,900 connections took 0.54-0.89 x the single-thread
-# run in 5 of 6 runs (1.15 x in one), below the C single-thread floor in some,
-# at the same CPU per heartbeat; at 2,500 it was slower (1.12 x), at 5,000
-# mixed (0.73 and 1.69 x). So it stays opt-in, and is used only for rounds of
-# at least this many connections.
+# WSGI_HIJACK_SEND_THREADS=K (default 1) spreads each fan-out (a heartbeat
+# round, a message) over K OS threads (write() releases the GIL). Measured on
+# 2 cores with the load client on the same cores (benchmarks/results/,
+# hijack-threads), K=2 against one thread: over 10,000-19,900 connections
+# 0.54-0.89 x in 5 of 6 earlier runs (1.15 x in one); in the run of
+# results.md 0.96 x at 10,000, 0.79 x at 15,000 and 0.72 x at 19,900 (0.73 x
+# the C single-thread floor), at about the same CPU per heartbeat. Below
+# that it does not pay: 1.01-1.12 x at 2,500, 0.73-1.69 x at 5,000. So it
+# stays opt-in, and is used only for fan-outs of at least this many.
 _THREADED_MIN = 10000
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
-
-
-def _send_threads() -> int:
-    try:
-        return max(1, int(os.environ.get("WSGI_HIJACK_SEND_THREADS", "1")))
-    except ValueError:
-        return 1
 
 
 def _write_each(fds: list[int], data: bytes) -> list[tuple[int, int | None]]:
@@ -178,7 +172,7 @@ class Reactor:
         if self.heartbeat_interval <= 0 or self.max_buffer <= 0:
             raise ValueError("heartbeat and max_buffer must be positive")
         self.pid = os.getpid()
-        self._senders = [_Sender() for _ in range(_send_threads() - 1)]
+        self._senders = [_Sender() for _ in range(config.send_threads() - 1)]
         self._conns: dict[int, Connection] = {}
         # heartbeat bytes -> the connections that take it (fd -> Connection):
         # a round writes each group with one C-speed loop over its fds, never
