@@ -4,13 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests run for real: redis-server (the Redis bus tests
+# Debian packages the tests need: redis-server (the Redis bus tests
 # start and kill their own), chromium and its WebDriver (tests/test_browser.py
 # drives /usr/bin/chromium through /usr/bin/chromedriver).
 need=()
 command -v redis-server > /dev/null || need+=(redis-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# A C compiler: the fan-out loop (wsgi_hijack/_fanout.c, which a test checks
+# was built) and the benchmark's floor (benchmarks/floor.c).
+command -v gcc > /dev/null || need+=(gcc)
 if ((${#need[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y --no-install-recommends "${need[@]}" \

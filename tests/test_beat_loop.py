@@ -26,7 +26,20 @@ def _fill(sock: socket.socket) -> None:
         pass
 
 
-def test_write_each_hands_back_only_what_needs_the_slow_path():
+def test_the_c_fan_out_loop_was_built_and_is_used():
+    """scripts/test.sh installs gcc, so the extension must be there: a silent
+    fallback to the Python loop would cost about 1 us per connection."""
+    assert reactor_module._write_each_c is not None
+    assert reactor_module._write_each is reactor_module._write_each_c
+
+
+# Both loops, the C one and its Python fallback, must give the same answers.
+IMPLEMENTATIONS = [pytest.param(reactor_module._write_each_py, id="python"),
+                   pytest.param(reactor_module._write_each_c, id="c")]
+
+
+@pytest.mark.parametrize("write_each", IMPLEMENTATIONS)
+def test_write_each_hands_back_only_what_needs_the_slow_path(write_each):
     pairs = [socket.socketpair() for _ in range(6)]
     try:
         for ours, _ in pairs:
@@ -37,7 +50,7 @@ def test_write_each_hands_back_only_what_needs_the_slow_path():
         for ours, _ in pairs:
             ours.setblocking(False)
         big = b"y" * (1 << 20)       # more than any send buffer: a partial write
-        trouble = reactor_module._write_each(fds, big)
+        trouble = write_each(fds, big)
         by_fd = dict(trouble)
         assert by_fd[fds[1]] is None and by_fd[fds[3]] is None
         # every other fd took part of it: the loop went on past the failures
@@ -45,18 +58,19 @@ def test_write_each_hands_back_only_what_needs_the_slow_path():
             assert 0 < by_fd[fds[i]] < len(big), i
         assert [fd for fd, _ in trouble] == [fds[i] for i in range(6)]
 
-        assert reactor_module._write_each([fds[0], fds[2]], b"") == []
-        assert reactor_module._write_each([], BEAT) == []
+        assert write_each([fds[0], fds[2]], b"") == []
+        assert write_each([], BEAT) == []
     finally:
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
 
 
-def test_all_beats_taken_whole_is_the_empty_answer():
+@pytest.mark.parametrize("write_each", IMPLEMENTATIONS)
+def test_all_beats_taken_whole_is_the_empty_answer(write_each):
     pairs = [socket.socketpair() for _ in range(50)]
     try:
-        assert reactor_module._write_each([a.fileno() for a, _ in pairs], BEAT) == []
+        assert write_each([a.fileno() for a, _ in pairs], BEAT) == []
         for _, theirs in pairs:
             assert theirs.recv(100) == BEAT
     finally:
@@ -212,3 +226,31 @@ def test_a_message_fans_out_per_framer_past_waiting_and_dead_subscribers(reactor
     finally:
         for _, theirs in [*subs.values(), other]:
             theirs.close()
+
+
+@pytest.mark.parametrize("write_each", IMPLEMENTATIONS)
+def test_write_each_refuses_what_is_not_a_list_of_fds(write_each):
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        with pytest.raises(TypeError):
+            write_each([ours.fileno(), "3"], BEAT)
+        with pytest.raises(TypeError):
+            write_each([ours.fileno()], "not bytes")
+
+
+def test_the_python_loop_runs_the_reactor_too(monkeypatch, reactor):
+    """Where the extension could not be built: the reactor on the Python loop."""
+    monkeypatch.setattr(reactor_module, "_write_each", reactor_module._write_each_py)
+    ours, theirs = socket.socketpair()
+    dead_ours, dead_theirs = socket.socketpair()
+    try:
+        reactor.hold(ours, PlainStream(BEAT))
+        reactor.hold(dead_ours, PlainStream(BEAT))
+        gevent.sleep(0.05)
+        dead_theirs.close()
+        reactor.heartbeat_round()
+        reactor.heartbeat_round()
+        assert _read_exactly(theirs, 2 * len(BEAT)) == BEAT * 2
+        assert len(reactor) == 1 and reactor.stats["dropped_closed"] == 1
+    finally:
+        theirs.close()

@@ -110,7 +110,7 @@ def test_fanout_loop_benchmark_runs_small():
          "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = dict(line.split(None, 1) for line in proc.stdout.splitlines()
-                if line.startswith(("bare ", "write_each ")))
-    assert set(rows) == {"bare", "write_each"}
-    assert "x bare" in rows["write_each"]
+                if line.startswith(("bare ", "write_each_py ", "write_each_c ")))
+    assert set(rows) == {"bare", "write_each_py", "write_each_c"}
+    assert "x bare" in rows["write_each_c"]
     assert "bytecode_loop, shuffled" in proc.stdout

