@@ -3,7 +3,9 @@ for whatever the kernel does not take whole. In-process, on socketpairs."""
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 
 import gevent
 import pytest
@@ -254,3 +256,176 @@ def test_the_python_loop_runs_the_reactor_too(monkeypatch, reactor):
         assert len(reactor) == 1 and reactor.stats["dropped_closed"] == 1
     finally:
         theirs.close()
+
+
+# -- found in review: what a protocol or a failure must not be able to break --------------
+
+
+class _ChangingBeat(PlainStream):
+    """A heartbeat that is a new object each time it is read (a counter ping)."""
+
+    name = "changing"
+    count = 0
+
+    @property
+    def heartbeat(self) -> bytes:
+        _ChangingBeat.count += 1
+        return b"ping %d\n" % _ChangingBeat.count
+
+    @heartbeat.setter
+    def heartbeat(self, value: bytes) -> None:
+        pass
+
+
+def test_a_heartbeat_that_changes_is_read_once_and_its_drop_is_clean(reactor):
+    odd_ours, odd_theirs = socket.socketpair()
+    ours, theirs = socket.socketpair()
+    try:
+        reactor.hold(odd_ours, _ChangingBeat())
+        reactor.hold(ours, PlainStream(BEAT))
+        gevent.sleep(0.05)
+        reactor.heartbeat_round()
+        odd_theirs.settimeout(5)
+        assert odd_theirs.recv(100).startswith(b"ping ")
+        odd_theirs.close()
+        reactor.heartbeat_round()  # EPIPE on the odd one: dropped cleanly
+        gevent.sleep(0.05)
+        reactor.heartbeat_round()
+        assert _read_exactly(theirs, 3 * len(BEAT)) == BEAT * 3
+        assert len(reactor) == 1 and list(reactor._beating) == [BEAT]
+    finally:
+        theirs.close()
+
+
+def test_a_heartbeat_that_is_not_bytes_is_refused_at_hold(reactor):
+    class Texty(PlainStream):
+        heartbeat = "ping"  # str: a mistake to say at once, not at the first round
+
+        def __init__(self) -> None:
+            pass
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        with pytest.raises(TypeError, match="Texty.heartbeat must be bytes"):
+            reactor.hold(ours, Texty())
+
+
+class _PollWithSharedFramer(PlainStream):
+    """A one-shot protocol whose frames come from a shared framer that is not."""
+
+    name = "poll-shared"
+    one_shot = True
+
+    def __init__(self, framer: PlainStream) -> None:
+        super().__init__(b"")
+        self._framer = framer
+
+    @property
+    def framer(self) -> PlainStream:
+        return self._framer
+
+
+def test_one_shot_subscribers_complete_even_with_a_streaming_framer(reactor):
+    import time
+
+    from wsgi_hijack.bus import Message
+
+    shared = PlainStream(BEAT)
+    poll_ours, poll_theirs = socket.socketpair()
+    stream_ours, stream_theirs = socket.socketpair()
+    try:
+        reactor.hold(poll_ours, _PollWithSharedFramer(shared), channels=("c",))
+        reactor.hold(stream_ours, shared, channels=("c",))
+        gevent.sleep(0.05)
+        for i in (1, 2):
+            reactor.dispatch(Message(i, "c", f"m{i}", None, time.time()))
+            gevent.sleep(0.05)
+        poll_theirs.settimeout(5)
+        answer = b""
+        while chunk := poll_theirs.recv(100):
+            answer += chunk
+        assert answer == b"m1\n"  # complete after one message, then closed
+        assert _read_exactly(stream_theirs, 6) == b"m1\nm2\n"
+        assert reactor.stats["completed"] == 1
+    finally:
+        poll_theirs.close()
+        stream_theirs.close()
+
+
+def test_nothing_follows_a_goodbye_that_is_still_waiting(reactor):
+    """A connection finishing (its protocol said goodbye) while bytes wait:
+    no heartbeat and no message may be written after them."""
+    import time
+
+    from wsgi_hijack.bus import Message
+    from wsgi_hijack.streams import CHUNKED
+
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn = reactor.hold(ours, CHUNKED, channels=("c",))
+        gevent.sleep(0.05)
+        backlog = b"".join(b"%06d\n" % i for i in range(5000))
+        reactor.write(conn, backlog)
+        reactor._last_words(conn, CHUNKED.goodbye)  # as on a ConnectionDone
+        assert conn.closing and conn.outbuf
+        reactor.heartbeat_round()
+        reactor.dispatch(Message(1, "c", "late", None, time.time()))
+        gevent.sleep(0.05)
+        got = b""
+        theirs.settimeout(5)
+        while chunk := theirs.recv(65536):
+            got += chunk
+            gevent.sleep(0.01)
+        assert got.endswith(backlog + CHUNKED.goodbye), got[-80:]
+        assert b"late" not in got
+    finally:
+        theirs.close()
+
+
+def test_a_failing_sender_thread_does_not_stall_the_round(monkeypatch):
+    """An exception in a sender thread: its part goes the slow way, the round ends."""
+    import threading
+
+    monkeypatch.setenv("WSGI_HIJACK_SEND_THREADS", "2")
+    monkeypatch.setattr(reactor_module, "_THREADED_MIN", 1)
+    main = threading.get_ident()
+    real = reactor_module._write_each
+
+    def fails_in_threads(fds, data):
+        if threading.get_ident() != main:
+            raise MemoryError("as from the C loop's allocation")
+        return real(fds, data)
+
+    monkeypatch.setattr(reactor_module, "_write_each", fails_in_threads)
+    reactor = reactor_module.Reactor(heartbeat=3600).start()
+    peers = []
+    try:
+        for _ in range(10):
+            ours, theirs = socket.socketpair()
+            reactor.hold(ours, PlainStream(BEAT))
+            peers.append(theirs)
+        gevent.sleep(0.05)
+        reactor.heartbeat_round()
+        for peer in peers:
+            assert _read_exactly(peer, len(BEAT)) == BEAT
+    finally:
+        reactor.close(goodbye=False)
+        for peer in peers:
+            peer.close()
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_sender_threads_end_with_their_reactor(monkeypatch):
+    monkeypatch.setenv("WSGI_HIJACK_SEND_THREADS", "3")
+    before = _os_threads()
+    reactor = reactor_module.Reactor(heartbeat=3600).start()
+    assert _os_threads() == before + 2
+    reactor.close(goodbye=False)
+    deadline = time.monotonic() + 5
+    while _os_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _os_threads() <= before  # (<: another test's senders may end meanwhile)

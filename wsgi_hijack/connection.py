@@ -13,7 +13,8 @@ from .protocols.base import Protocol
 
 
 class Connection:
-    __slots__ = ("fd", "protocol", "outbuf", "channels", "closing", "ip", "__weakref__")
+    __slots__ = ("fd", "protocol", "outbuf", "channels", "closing", "ip", "beat",
+                 "__weakref__")
 
     def __init__(self, fd: int, protocol: Protocol) -> None:
         #: The client's socket fd, owned by the reactor; -1 once closed.
@@ -27,6 +28,8 @@ class Connection:
         self.closing = False
         #: The client address, kept only when a per-address cap is set.
         self.ip: str | None = None
+        #: Its heartbeat as read when it was stored (None: none, or stopped).
+        self.beat: bytes | None = None
 
     @property
     def closed(self) -> bool:

@@ -152,18 +152,30 @@ class _Sender:
         self._go.acquire()
         self._done = _allocate_lock()
         self._done.acquire()
-        self._work: tuple[list[int], bytes] = ([], b"")
+        self._work: tuple[list[int], bytes | None] = ([], b"")
         self._trouble: list = []
         _start_thread(self._loop, ())
 
     def _loop(self) -> None:
         while True:
             self._go.acquire()
-            self._trouble = _write_each(*self._work)
-            self._done.release()
+            fds, data = self._work
+            if data is None:  # stop()
+                return
+            try:
+                self._trouble = _write_each(fds, data)
+            except BaseException:  # never leave the reactor waiting in join()
+                log.exception("sender thread failed; its part goes the slow way")
+                self._trouble = [(fd, None) for fd in fds]
+            finally:
+                self._done.release()
 
     def start(self, fds: list[int], data: bytes) -> None:
         self._work = (fds, data)
+        self._go.release()
+
+    def stop(self) -> None:
+        self._work = ([], None)
         self._go.release()
 
     def join(self) -> list:
@@ -194,10 +206,11 @@ class Reactor:
         self._armed: set[int] = set()
         self._inbox: deque[tuple[Connection, bytes, int | None, float | None]] = deque()
         self._outbox: deque[Any] = deque()  # published messages, in id order
-        # channel -> framer -> fd -> Connection: the connections whose
-        # protocols share a framer take one frame of a message, written to
-        # all of them by one C-speed loop (_fan_out), like a heartbeat.
-        self._subscribers: dict[str, dict[Protocol, dict[int, Connection]]] = {}
+        # channel -> (framer, one_shot) -> fd -> Connection: the connections
+        # whose protocols share a framer take one frame of a message, written
+        # to all of them by one C-speed loop (_fan_out), like a heartbeat;
+        # one-shot ones (long-poll) apart, as each then completes.
+        self._subscribers: dict[str, dict[tuple[Protocol, bool], dict[int, Connection]]] = {}
         # connections whose protocol checks the peer is alive each round
         self._watched: set[Connection] = set()
         self._deadlines: list[tuple[float, int, Connection]] = []
@@ -323,6 +336,9 @@ class Reactor:
         close_bus = getattr(self.bus, "close", None)
         if close_bus is not None:
             close_bus()
+        for sender in self._senders:
+            sender.stop()
+        self._senders = []
         self._io_watcher.stop()
         self._async.stop()
         self._epoll.close()
@@ -345,6 +361,9 @@ class Reactor:
         """
         if not self._running:
             raise RuntimeError("reactor is not running; get it with wsgi_hijack.get_reactor()")
+        if not isinstance(protocol.heartbeat, (bytes, bytearray)):
+            raise TypeError(f"{type(protocol).__name__}.heartbeat must be bytes (b'' for "
+                            f"none), got {type(protocol.heartbeat).__name__}")
         take_pending = getattr(sock, "take_pending", None)
         pending = take_pending() if take_pending is not None else b""
         fd = sock.detach()
@@ -461,8 +480,12 @@ class Reactor:
                 _close_fd(conn)
                 continue
             self._conns[conn.fd] = conn
+            # The heartbeat is read once, here; the key is kept on the
+            # connection, so a protocol whose attribute changes later cannot
+            # leave its fd behind in a group.
             beat = conn.protocol.heartbeat
             if beat:
+                beat = conn.beat = bytes(beat)
                 group = self._beating.get(beat)
                 if group is None:
                     group = self._beating[beat] = {}
@@ -509,6 +532,8 @@ class Reactor:
         self._join(conn, self.bus.replay(conn.channels, last_id, upto=upto or None))
 
     def _join(self, conn: Connection, replay: Any) -> None:
+        if conn.fd < 0 or conn.closing:  # its goodbye is out (or on its way): nothing after it
+            return
         opening = conn.protocol.opening(replay)
         if opening:
             self._write(conn, opening)
@@ -521,28 +546,28 @@ class Reactor:
             # The replay read past what was delivered: those messages are
             # still on their way, and this connection already has them.
             self._skip[conn] = replay.last_id
-        framer = conn.protocol.framer
+        key = _group_key(conn.protocol)
         for channel in conn.channels:
             by_framer = self._subscribers.get(channel)
             if by_framer is None:
                 by_framer = self._subscribers[channel] = {}
-            group = by_framer.get(framer)
+            group = by_framer.get(key)
             if group is None:
-                group = by_framer[framer] = {}
+                group = by_framer[key] = {}
             group[conn.fd] = conn
 
     def _unsubscribe(self, conn: Connection) -> None:
         self._waiting.pop(conn, None)
         self._skip.pop(conn, None)
-        framer = conn.protocol.framer
+        key = _group_key(conn.protocol)
         for channel in conn.channels:
             by_framer = self._subscribers.get(channel)
             if by_framer is not None:
-                group = by_framer.get(framer)
+                group = by_framer.get(key)
                 if group is not None and group.get(conn.fd) is conn:
                     del group[conn.fd]
                     if not group:
-                        del by_framer[framer]
+                        del by_framer[key]
                         if not by_framer:
                             del self._subscribers[channel]
             self._release(channel)
@@ -609,9 +634,10 @@ class Reactor:
             # each framer's subscribers as a heartbeat is: no per-subscriber
             # Python beyond a builtin call, so delivery takes one write run.
             message = batch[0]
-            for framer, group in list(self._subscribers.get(message.channel, {}).items()):
+            for (framer, one_shot), group in list(
+                    self._subscribers.get(message.channel, {}).items()):
                 data = framed(framer, message)
-                if framer.one_shot:  # each one completes and closes: the slow path
+                if one_shot:  # each one completes and closes: the slow path
                     for conn in list(group.values()):
                         self._write_message(conn, data)
                 else:
@@ -704,9 +730,11 @@ class Reactor:
             self._finish(conn)
 
     def _finish(self, conn: Connection) -> None:
-        """The response is complete: stop its messages, close once flushed."""
+        """The response is complete: stop its messages and heartbeats (nothing
+        may follow a goodbye), close once flushed."""
         conn.closing = True
         self._unsubscribe(conn)
+        self._stop_beats(conn)
         if conn.fd >= 0 and not conn.outbuf:
             self._drop(conn, "completed")
 
@@ -887,6 +915,15 @@ class Reactor:
             self._epoll.modify(conn.fd, _READ_MASK)
             self._armed.discard(conn.fd)
 
+    def _stop_beats(self, conn: Connection) -> None:
+        beat, conn.beat = conn.beat, None
+        if beat is not None:
+            group = self._beating.get(beat)
+            if group is not None and group.get(conn.fd) is conn:
+                del group[conn.fd]
+                if not group:
+                    del self._beating[beat]
+
     # -- 5. dropped, 6. closed ----------------------------------------------------------
 
     def _drop(self, conn: Connection, reason: str | None) -> None:
@@ -894,12 +931,7 @@ class Reactor:
         if fd < 0:
             return
         del self._conns[fd]
-        beat = conn.protocol.heartbeat
-        if beat:
-            group = self._beating[beat]
-            del group[fd]
-            if not group:
-                del self._beating[beat]
+        self._stop_beats(conn)
         self._armed.discard(fd)
         self.held_by_protocol[conn.protocol.name] -= 1
         self._watched.discard(conn)
@@ -914,6 +946,12 @@ class Reactor:
         _close_fd(conn)
         if reason is not None:
             self.stats[reason] += 1
+
+
+def _group_key(protocol: Protocol) -> tuple[Protocol, bool]:
+    """Where a subscriber is grouped: by the framer that makes its frames and
+    by whether its own protocol is one-shot (a framer may be shared by both)."""
+    return protocol.framer, bool(protocol.one_shot)
 
 
 def _close_fd(conn: Connection) -> None:
