@@ -16,7 +16,8 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--ns", "150,300",
          "--heartbeat", "0.3", "--min-rounds", "3", "--messages", "300", "--threads", "2",
-         "--soak", "1.5", "--repeat", "2", "--progress", "0", "--out", str(out)],
+         "--soak", "1.5", "--repeat", "2", "--side-by-side", "2", "--progress", "0",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
@@ -43,7 +44,14 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
                 "heartbeat write run", "reconnect storm", "OS threads"):
         assert row in md, row
     cpu_row = next(line for line in md.splitlines() if "CPU per delivered heartbeat" in line)
-    assert "median of 2 pairs" in cpu_row
+    assert "median of 2 pairs" in cpu_row and "x floor side by side" in cpu_row
+    together = data["side_by_side"]
+    for kind in ("floor", "hijack"):
+        r = together[kind]
+        assert (r["held"], r["dropped"]) == (300, 0), kind
+        assert r["rounds"] >= 1 and r["cpu_per_message_us"] > 0 and r["round_s"] > 0, kind
+    assert together["cpu_ratio"] > 0 and together["round_ratio"] > 0
+    assert "## Side by side: floor and hijack at once, 300 each" in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
     for kind in kinds:
         assert any(line.startswith(f"| {kind} | 300 |") for line in table), kind
