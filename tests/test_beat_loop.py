@@ -415,17 +415,24 @@ def test_a_failing_sender_thread_does_not_stall_the_round(monkeypatch):
             peer.close()
 
 
-def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _alive(native_ids: set[int]) -> set[int]:
+    return native_ids & {int(t) for t in os.listdir("/proc/self/task")}
 
 
 def test_sender_threads_end_with_their_reactor(monkeypatch):
+    # Follows the sender threads by their own kernel ids: counting all of the
+    # process's threads raced with threads of other tests ending meanwhile.
     monkeypatch.setenv("WSGI_HIJACK_SEND_THREADS", "3")
-    before = _os_threads()
     reactor = reactor_module.Reactor(heartbeat=3600).start()
-    assert _os_threads() == before + 2
-    reactor.close(goodbye=False)
+    senders = list(reactor._senders)
+    assert len(senders) == 2  # the reactor's own thread is the third sender
     deadline = time.monotonic() + 5
-    while _os_threads() > before and time.monotonic() < deadline:
+    while any(s.native_id is None for s in senders) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _os_threads() <= before  # (<: another test's senders may end meanwhile)
+    ids = {s.native_id for s in senders}
+    assert None not in ids and len(ids) == 2
+    assert _alive(ids) == ids
+    reactor.close(goodbye=False)
+    while _alive(ids) and time.monotonic() < deadline + 5:
+        time.sleep(0.01)
+    assert _alive(ids) == set()

@@ -99,6 +99,7 @@ _read = os.read
 _THREADED_MIN = 10000
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
+_native_thread_id = monkey.get_original("_thread", "get_native_id")
 
 
 def _write_each_py(fds: list[int], data: bytes) -> list[tuple[int, int | None]]:
@@ -154,9 +155,13 @@ class _Sender:
         self._done.acquire()
         self._work: tuple[list[int], bytes | None] = ([], b"")
         self._trouble: list = []
+        # The kernel's id of the thread (shown in /proc/self/task), so that
+        # tools and tests can follow this thread and no other.
+        self.native_id: int | None = None
         _start_thread(self._loop, ())
 
     def _loop(self) -> None:
+        self.native_id = _native_thread_id()
         while True:
             self._go.acquire()
             fds, data = self._work
