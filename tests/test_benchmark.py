@@ -31,11 +31,13 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
             assert r["messages_min"] >= 1, (kind, n)
             assert r["rounds_logged"] >= 1 and r["round_s"] > 0, (kind, n)
             assert r["rss_per_connection"] is not None and r["fds_held"] >= n
-    repeats = sorted(r["server"] for r in runs if r.get("repeat") == 1)
+    repeats = sorted(r["server"] for r in runs if r.get("repeat") == 1 and not r["storm"])
     assert repeats == ["floor", "hijack"] and all(r["n"] == 300 for r in runs
                                                   if r.get("repeat"))
-    storms = {r["server"] for r in runs if r["storm"]}
-    assert storms == {"hijack", "greenlet"}
+    # Storms run as pairs, the order alternating, every client hijacked each time.
+    storms = [(r.get("repeat", 0), r["server"]) for r in runs if r["storm"]]
+    assert storms == [(0, "hijack"), (0, "greenlet"), (1, "greenlet"), (1, "hijack")]
+    assert all(r["held"] == 300 and r["time_to_all_heads_s"] for r in runs if r["storm"])
     assert data["soak"]["held"] == 300 and data["soak"]["report"]["server"][0]["timeline"]
 
     md = (out / "results.md").read_text()
@@ -45,6 +47,8 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
         assert row in md, row
     cpu_row = next(line for line in md.splitlines() if "CPU per delivered heartbeat" in line)
     assert "median of 2 pairs" in cpu_row and "x floor side by side" in cpu_row
+    storm_row = next(line for line in md.splitlines() if "reconnect storm" in line)
+    assert "median of 2 pairs" in storm_row and "(in run order)" in storm_row
     together = data["side_by_side"]
     for kind in ("floor", "hijack"):
         r = together[kind]
