@@ -295,14 +295,13 @@ def paired_ratio(results, kind, base, n, key, storm: bool = False
     Load on this shared machine moves single runs by up to 20 %; pairing each
     run with the base run next to it, and taking the median pair, keeps one
     unlucky run from deciding a target either way."""
+    value = key if callable(key) else (lambda r: r[key])
     runs = {}
     for r in results:
         if r["n"] == n and r["storm"] == storm and r["server"] in (kind, base):
             runs.setdefault(r.get("repeat", 0), {})[r["server"]] = r
     ratios = sorted(x for pair in runs.values() if kind in pair and base in pair
-                    for x in [_ratio(key(pair[kind]) if callable(key) else pair[kind][key],
-                                     key(pair[base]) if callable(key) else pair[base][key])]
-                    if x is not None)
+                    for x in [_ratio(value(pair[kind]), value(pair[base]))] if x is not None)
     if not ratios:
         return None, ""
     if len(ratios) == 1:
