@@ -23,7 +23,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 # promise, so 1000 stays; raise it when storms matter more than memory.
 worker_connections = 1000
 # The kernel caps the backlog at net.core.somaxconn (4096 here); in a connect
-# storm the queue, not the worker, decides who is dropped.
+# storm this queue, and how fast the worker empties it (above), decide who
+# is dropped.
 backlog = 4096
 keepalive = 5
 
