@@ -1,39 +1,44 @@
 """wsgi_hijack: Rack-style socket hijack for WSGI on gevent, and a reactor
 that holds tens of thousands of connections per process.
 
-``gunicorn -k gevent wsgi_hijack:app`` runs the demo.
+``gunicorn -c python:wsgi_hijack.gunicorn_conf wsgi_hijack:app`` runs the demo.
+
+The names below are imported on first use, not with the package: gunicorn
+imports ``wsgi_hijack.gunicorn_conf`` and ``wsgi_hijack.workers`` in its
+master process, before a gevent worker monkeypatches, and nothing that
+makes locks or picks its mode at import (the bus, prometheus-client) may
+be imported there.
 """
 
-from .bus import BusUnavailable, PublishError, get_bus, publish
-from .connection import Connection
-from .hijack import (
-    HIJACK,
-    HIJACKABLE,
-    PARTIAL_HIJACK,
-    HijackedSocket,
-    HijackError,
-    HijackMiddleware,
-    full_hijack,
-    is_hijackable,
-    partial_hijack,
-)
-from .protocols import PlainStream, Protocol, ProtocolError
-from .reactor import Reactor, get_reactor
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BusUnavailable", "PublishError", "get_bus", "publish",
-    "HIJACK", "HIJACKABLE", "PARTIAL_HIJACK", "Connection", "HijackError",
-    "HijackMiddleware", "HijackedSocket", "PlainStream", "Protocol", "ProtocolError",
-    "Reactor", "app", "full_hijack", "get_reactor", "is_hijackable", "partial_hijack",
-]
+_EXPORTS = {
+    "BusUnavailable": "bus", "PublishError": "bus", "get_bus": "bus", "publish": "bus",
+    "Connection": "connection",
+    "HIJACK": "hijack", "HIJACKABLE": "hijack", "PARTIAL_HIJACK": "hijack",
+    "HijackedSocket": "hijack", "HijackError": "hijack", "HijackMiddleware": "hijack",
+    "full_hijack": "hijack", "is_hijackable": "hijack", "partial_hijack": "hijack",
+    "PlainStream": "protocols", "Protocol": "protocols", "ProtocolError": "protocols",
+    "Reactor": "reactor", "get_reactor": "reactor",
+    "app": "demo",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    # The demo app is imported on first use, so that importing the library
-    # does not configure logging or build the demo.
-    if name == "app":
-        from .demo import app
-        return app
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsgi_hijack' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -87,6 +87,15 @@ def redis_url() -> str | None:
     return url or None
 
 
+def head_timeout() -> float:
+    """Seconds a new connection may take to send its complete request head:
+    ``WSGI_HIJACK_HEAD_TIMEOUT``, default 30 (Puma's ``first_data_timeout``).
+    Past it the connection gets ``408`` and is closed. Shorter than 10 s cuts
+    clients whose first segments are retransmitted (after 1, 3 and 7 s), so
+    the worker warns (:mod:`wsgi_hijack.workers.checks`)."""
+    return _positive("WSGI_HIJACK_HEAD_TIMEOUT", 30.0)
+
+
 def fd_reserve() -> int:
     """File descriptors kept free for ordinary requests and files:
     ``WSGI_HIJACK_FD_RESERVE``, default 100."""

@@ -160,7 +160,7 @@ class _Request:
 
     __slots__ = ("environ", "server_start_response", "server", "hijacked",
                  "status", "headers", "partial_callback", "forwarded", "server_write",
-                 "refusal")
+                 "refusal", "admitted_by")
 
     def __init__(self, environ: dict, start_response: StartResponse,
                  server: ServerConnection | None) -> None:
@@ -173,14 +173,18 @@ class _Request:
         self.partial_callback: Callable[[HijackedSocket], None] | None = None
         self.forwarded = False
         self.refusal: Any = None
+        #: The reactor that admitted this hijack, told when the request ends.
+        self.admitted_by: Any = None
 
     def _admit(self) -> None:
         from .reactor import get_reactor
 
-        refusal = get_reactor().admit(self.environ.get("REMOTE_ADDR"))
+        reactor = get_reactor()
+        refusal = reactor.admit(self.environ.get("REMOTE_ADDR"))
         if refusal is not None:
             self.refusal = refusal
             raise HijackRefused(refusal)
+        self.admitted_by = reactor
 
     # start_response is held back until we know the app did not hijack: a
     # server like pywsgi writes the head by itself once it has a status.
@@ -242,6 +246,14 @@ class HijackMiddleware:
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         server = adapters.detect(environ, start_response)
         request = _Request(environ, start_response, server)
+        try:
+            return self._handle(environ, start_response, server, request)
+        finally:
+            if request.admitted_by is not None:
+                request.admitted_by.admitted_done()
+
+    def _handle(self, environ: dict, start_response: StartResponse,
+                server: ServerConnection | None, request: _Request) -> Iterable[bytes]:
         environ[HIJACKABLE] = server is not None
         environ[HIJACK] = request.full_hijack
         environ[PARTIAL_HIJACK] = request.partial_hijack
@@ -279,8 +291,11 @@ def _refuse(request: _Request, start_response: StartResponse) -> list[bytes]:
     refusal = request.refusal
     log.info("hijack refused: %s", refusal.reason)  # counted in stats["refused"]
     body = (refusal.reason + "\n").encode()
+    # The client goes: its fd is for those still arriving (wsgi_hijack.admission).
+    closing = request.server.close_after_response() if request.server is not None else []
     start_response(refusal.status, [("Content-Type", "text/plain; charset=utf-8"),
-                                    ("Content-Length", str(len(body))), *refusal.headers()])
+                                    ("Content-Length", str(len(body))), *closing,
+                                    *refusal.headers()])
     return [body]
 
 

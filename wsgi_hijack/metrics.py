@@ -4,7 +4,7 @@ The reactor counts in a plain dict on its hot paths (an int increment per
 event) and this module turns the counts into prometheus-client metrics once a
 second, as deltas: the cost per message or per heartbeat stays what it was.
 
-Several workers: prometheus-client's multiprocess mode. ``gunicorn.conf.py``
+Several workers: prometheus-client's multiprocess mode. :mod:`wsgi_hijack.gunicorn_conf`
 points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers
 start (unless it is set already), each worker writes its values there, and
 ``/metrics`` on any worker sums them (held connections: the live workers'
@@ -17,11 +17,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-try:
-    import prometheus_client
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-except ImportError:  # pragma: no cover - only without the [metrics] extra
-    prometheus_client = None
+
+def _client() -> Any:
+    """prometheus_client, imported on first use, or None without the extra.
+
+    Not at import: prometheus-client chooses multiprocess mode when it is
+    imported, from ``PROMETHEUS_MULTIPROC_DIR``, which
+    :mod:`wsgi_hijack.gunicorn_conf` sets after this package is imported.
+    """
+    try:
+        import prometheus_client
+    except ImportError:  # pragma: no cover - only without the [metrics] extra
+        return None
+    return prometheus_client
 
 # stats key -> (counter attribute, label value)
 _DROPS = {"dropped_closed": "closed", "dropped_slow": "slow",
@@ -34,6 +42,8 @@ class _Instruments:
     reuses them; counters go on from where they were."""
 
     def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         self.held = Gauge("wsgi_hijack_held_connections", "Connections held by the reactor",
                           ["protocol"], multiprocess_mode="livesum")
         self.hijacks = Counter("wsgi_hijack_hijacks", "Connections offered to the reactor",
@@ -104,17 +114,18 @@ class ReactorMetrics:
 
 
 def create() -> ReactorMetrics | None:
-    return ReactorMetrics() if prometheus_client is not None else None
+    return ReactorMetrics() if _client() is not None else None
 
 
 def exposition() -> tuple[bytes, str] | None:
     """The text to answer a scrape with, and its content type; None when off."""
+    prometheus_client = _client()
     if prometheus_client is None:
         return None
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
-        registry: Any = CollectorRegistry()
+        registry: Any = prometheus_client.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = prometheus_client.REGISTRY

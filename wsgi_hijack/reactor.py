@@ -242,6 +242,12 @@ class Reactor:
         # client address -> held connections, only with a per-address cap
         self._per_ip: dict[str, int] = {}
         self._per_ip_lock = monkey.get_original("threading", "Lock")()
+        # Hijacks admitted and not yet ended (thread servers run several at
+        # once), and connections handed over and not yet dropped: one count
+        # under one lock, so that admission is exact from any thread.
+        self._admitting = 0
+        self._holding = 0
+        self._admit_lock = monkey.get_original("threading", "Lock")()
         #: Id of the last message delivered to subscribers.
         self.delivered_upto = 0
         self._epoll: Any = None
@@ -384,12 +390,23 @@ class Reactor:
                 conn.ip = ip
                 with self._per_ip_lock:
                     self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        with self._admit_lock:
+            self._holding += 1
         self._inbox.append((conn, pending, last_id, timeout))
         self._async.send()  # wakes the hub, from this thread or any other
         return conn
 
     def __len__(self) -> int:
         return len(self._conns)
+
+    @property
+    def holding(self) -> int:
+        """Connections handed over and not yet dropped (each an fd); any thread."""
+        return self._holding
+
+    def _released(self) -> None:
+        with self._admit_lock:
+            self._holding -= 1
 
     def drop_all(self) -> int:
         """Close every held connection now, with no goodbye, as a network failure
@@ -423,12 +440,23 @@ class Reactor:
         conn.ip = None
 
     def admit(self, ip: str | None = None) -> Refusal | None:
-        """May one more connection be held? Thread-safe; None means yes."""
-        held = len(self._conns) + len(self._inbox)
-        refusal = self.admission.check(held, self._per_ip.get(ip, 0) if ip else 0)
+        """May one more connection be held? Thread-safe; None means yes, and
+        then :meth:`admitted_done` must follow once the hijack has ended
+        (held or not)."""
+        with self._admit_lock:
+            refusal = self.admission.check(self.holding + self._admitting,
+                                           self._per_ip.get(ip, 0) if ip else 0)
+            if refusal is None:
+                self._admitting += 1
         if refusal is not None:
             self.stats["refused"] += 1
         return refusal
+
+    def admitted_done(self) -> None:
+        """The hijack :meth:`admit` let through has ended: its connection is
+        held (counted in :attr:`holding`) or gone."""
+        with self._admit_lock:
+            self._admitting = max(0, self._admitting - 1)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -483,6 +511,7 @@ class Reactor:
                 if conn.ip is not None:
                     self._forget_ip(conn)
                 _close_fd(conn)
+                self._released()
                 continue
             self._conns[conn.fd] = conn
             # The heartbeat is read once, here; the key is kept on the
@@ -949,6 +978,7 @@ class Reactor:
         except (OSError, ValueError):
             pass
         _close_fd(conn)
+        self._released()
         if reason is not None:
             self.stats[reason] += 1
 

@@ -42,6 +42,18 @@ class ServerConnection:
         """
         raise NotImplementedError
 
+    def close_after_response(self) -> list[tuple[str, str]]:
+        """End the connection after this (ordinary) response, with no keep-alive;
+        returns the headers the response needs for that.
+
+        For refusals: a client refused because the worker is full must not
+        keep an fd in keep-alive that an arriving client needs. Servers that
+        read the app's headers (pywsgi, Werkzeug, uWSGI) act on
+        ``Connection: close``; one that drops the app's hop-by-hop headers
+        (gunicorn) is told directly instead.
+        """
+        return [("Connection", "close")]
+
 
 def drain_buffered(rfile: Any, sock: Any) -> bytes:
     """The bytes a buffered reader over ``sock`` holds, taken out of it.

@@ -96,3 +96,11 @@ class GunicornConnection(ServerConnection):
 
     def finish(self, status: str | None) -> Any:
         return step_back(self.response, status)
+
+    def close_after_response(self) -> list[tuple[str, str]]:
+        # gunicorn drops the app's Connection header; its Response decides,
+        # and then writes "Connection: close" itself.
+        if self.response is not None:
+            self.response.force_close()
+            return []
+        return [("Connection", "close")]
