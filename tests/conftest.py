@@ -28,11 +28,12 @@ def free_port() -> int:
 class Server:
     """A server subprocess on 127.0.0.1:port, with its combined log."""
 
-    def __init__(self, argv: list[str], port: int, env: dict, tmp: Path) -> None:
+    def __init__(self, argv: list[str], port: int, env: dict, tmp: Path,
+                 cwd: Path = ROOT) -> None:
         self.port = port
         self.log_path = tmp / f"server-{port}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log,
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 20
         while True:
@@ -102,6 +103,7 @@ def start_server(tmp_path):
               args: tuple[str, ...] = (), env: dict | None = None,
               nofile: int | None = None) -> Server:
         port = free_port()
+        cwd = ROOT
         extra_env = env
         env = server_env(heartbeat)
         env.update(extra_env or {})
@@ -110,6 +112,7 @@ def start_server(tmp_path):
                     "-b", f"127.0.0.1:{port}", "--no-control-socket",
                     *args, app]
         elif kind == "gunicorn-plain":  # no config file: `gunicorn -k gevent wsgi_hijack:app`
+            cwd = tmp_path  # gunicorn reads ./gunicorn.conf.py by itself: not this one
             argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-b", f"127.0.0.1:{port}",
                     "--no-control-socket", *args, app]
         elif kind == "pywsgi":
@@ -118,7 +121,7 @@ def start_server(tmp_path):
             raise ValueError(kind)
         if nofile is not None:  # the server's own fd limit, soft and hard
             argv = ["bash", "-c", f'ulimit -n {nofile} && exec "$@"', "server", *argv]
-        server = Server(argv, port, env, tmp_path)
+        server = Server(argv, port, env, tmp_path, cwd)
         servers.append(server)
         return server
 

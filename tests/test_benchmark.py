@@ -46,7 +46,11 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
                 "heartbeat write run", "reconnect storm", "OS threads"):
         assert row in md, row
     cpu_row = next(line for line in md.splitlines() if "CPU per delivered heartbeat" in line)
-    assert "median of 2 pairs" in cpu_row and "x floor side by side" in cpu_row
+    assert "x floor side by side" in cpu_row
+    # The pairing is checked on the write run: at this N a server's CPU over a
+    # window can be under one clock tick (0), and a ratio to 0 is left out.
+    round_row = next(line for line in md.splitlines() if "heartbeat write run" in line)
+    assert "median of 2 pairs" in round_row and "x floor side by side" in round_row
     storm_row = next(line for line in md.splitlines() if "reconnect storm" in line)
     assert "median of 2 pairs" in storm_row and "(in run order)" in storm_row
     together = data["side_by_side"]

@@ -94,6 +94,11 @@ def _our_worker_class(server) -> None:
     server.log.info("worker class %s (waits for request heads in the lobby)", ours)
 
 
+def on_reload(server):
+    # A reload (HUP) reads the settings again, -k from the command line too.
+    _our_worker_class(server)
+
+
 def on_starting(server):
     _our_worker_class(server)
     soft, hard, now = _raise_nofile()
@@ -194,6 +199,7 @@ def worker_exit(server, worker):
 
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "backlog", "keepalive",
-    "redis_url", "on_starting", "on_exit", "child_exit", "post_worker_init", "worker_exit",
+    "redis_url", "on_starting", "on_reload", "on_exit", "child_exit", "post_worker_init",
+    "worker_exit",
     "OUR_WORKERS",
 ]

@@ -25,6 +25,7 @@ from typing import Any
 
 import gevent.socket
 
+from ..workers import checks
 from .gunicorn_common import GunicornConnection, take_read_ahead
 
 
@@ -39,6 +40,7 @@ class GunicornGeventConnection(GunicornConnection):
         return isinstance(sock, gevent.socket.socket)
 
     def take(self) -> tuple[socket.socket, bytes]:
+        checks.stock_gevent_worker()  # says once if this is gunicorn's own worker class
         pending = take_read_ahead(self.environ)
         fd = self.sock.detach()
         return gevent.socket.socket(fileno=fd), pending

@@ -24,6 +24,11 @@ CONF_HINT = "-c python:wsgi_hijack.gunicorn_conf"
 
 log = logging.getLogger("wsgi_hijack.workers")
 
+#: Set by the worker classes of this package once they serve: the first
+#: request head then waits in the lobby, not under gunicorn's keep-alive timer.
+lobby_active = False
+_stock_warned = False
+
 
 def nofile_limit() -> str | None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -94,3 +99,17 @@ def run_checks(cfg: Any, own_lobby: bool, logger: Any = None) -> list[str]:
     for problem in found:
         (logger or log).warning("wsgi_hijack: %s", problem)
     return found
+
+
+def stock_gevent_worker() -> None:
+    """Once per process, on the first hijack under gunicorn's own gevent worker
+    (``gunicorn -k gevent wsgi_hijack:app``, no config): none of this
+    package's hooks ran, so this is the one place left to say it."""
+    global _stock_warned
+    if lobby_active or _stock_warned:
+        return
+    _stock_warned = True
+    log.warning("wsgi_hijack: worker_class: gunicorn's own gevent worker bounds the first "
+                "request head with its keepalive timer (2 s by default): clients whose first "
+                "segments are retransmitted, as in a connect storm, are cut. Fix: run "
+                "gunicorn with %s, or -k wsgi_hijack.workers.ggevent.GeventWorker", CONF_HINT)

@@ -72,6 +72,7 @@ class GeventWorker(ggevent.GeventWorker):
                                    socket_class=gevent.socket.socket,
                                    max_accept=1 if shared else 1024)
         lobby.start()
+        checks.lobby_active = True
         while self.alive:
             self.notify()
             gevent.sleep(1.0)

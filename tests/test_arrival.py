@@ -1,0 +1,211 @@
+"""Arrival at the edges, on real gunicorn: a storm at the fd limit, late and
+slow request heads, bad heads, and the settings that would lose clients.
+
+The storms run ``benchmarks/arrival.py`` small (every connect in flight at
+once, from one epoll loop) and check what every client saw.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT, recv_until_closed
+
+ARRIVAL = ROOT / "benchmarks" / "arrival.py"
+
+
+def arrival(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ARRIVAL), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("worker", ["gevent", "gthread"])
+def test_storm_at_the_fd_limit_is_answered_not_dropped(worker):
+    # fd limit 2,000 and reserve 100: 1,900 held. 2,500 clients at once, every
+    # 50th on /metrics: everyone else gets 503 + Retry-After, nobody is left
+    # unanswered or closed without an answer, and the log has no EMFILE.
+    r = arrival("fdlimit", "--n", "2500", "--nofile", "2000", "--worker", worker)
+    streams, ordinary = r["streams"], r["ordinary"]
+    assert r["held"] == 1900, r
+    assert streams["statuses"] == {"200": 1900, "503": 550}, r
+    assert streams["retry_after_on_503"] == 550, r
+    assert streams["closed_without_answer"] == 0 and streams["unanswered"] == 0, r
+    assert ordinary["statuses"] == {"200": 50}, r
+    assert ordinary["closed_without_answer"] == 0 and ordinary["unanswered"] == 0, r
+    # Once 100 held clients leave, 100 new ones are held.
+    assert r["held_again"]["statuses"] == {"200": 100}, r
+    assert not r["emfile"] and not r["traceback"], r.get("log_excerpt")
+    print(f"{worker}: slowest answer {streams['slowest_answer_s']} s after connecting")
+
+
+def test_slow_heads_beside_a_storm_cost_no_greenlet_and_meet_the_deadline():
+    r = arrival("slow", "--storm", "1500", "--slow", "1000", "--head-timeout", "12",
+                "--byte-every", "2")
+    assert r["storm_held"] == 1500, r
+    assert r["storm"]["statuses"] == {"200": 1500}, r
+    assert r["slow_parked_fds"] >= 1000, r  # all accepted and waiting at once
+    assert r["slow"]["statuses"] == {"408": 1000}, r
+    assert r["slow_still_open"] == 0, r
+    assert 12 <= r["slow_closed_after_s"]["min"] and r["slow_closed_after_s"]["max"] <= 22, r
+    assert r["rss_per_slow_head"] <= 1024, r
+    assert not r["emfile"] and not r["traceback"], r.get("log_excerpt")
+
+
+def read_head(s: socket.socket) -> bytes:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(65536)
+        if not data:
+            break
+        buf += data
+    return buf
+
+
+def test_late_heads_get_their_answer_and_keepalive_keeps_its_meaning(start_server):
+    server = start_server("gunicorn", heartbeat=5)  # gunicorn.conf.py: keepalive = 5
+    early, late = socket.create_connection(("127.0.0.1", server.port), timeout=40), \
+        socket.create_connection(("127.0.0.1", server.port), timeout=40)
+    started = time.monotonic()
+    for sock, after in ((early, 10), (late, 25)):
+        time.sleep(max(0.0, started + after - time.monotonic()))
+        sock.sendall(b"GET /events?channel=late HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 200 "), (after, head)
+        sock.close()
+    # Between two requests on one connection, gunicorn's keepalive still rules:
+    # an idle kept-alive connection is closed after 5 s.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_head(s).startswith(b"HTTP/1.1 404 ")
+        idle_from = time.monotonic()
+        s.settimeout(30)
+        while s.recv(65536):
+            pass  # the rest of the 404's body, then the server's FIN
+        assert time.monotonic() - idle_from < 25  # closed by keepalive, not the head deadline
+    assert "Traceback" not in server.log()
+
+
+def test_bad_heads_get_a_clear_answer(start_server):
+    server = start_server("gunicorn", heartbeat=5, env={"WSGI_HIJACK_HEAD_TIMEOUT": "3"})
+    port = server.port
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), timeout=20)
+
+    silent = connect()  # sends nothing
+    trickle = connect()  # a byte a second, never ending the head
+    trickle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    for _ in range(5):
+        time.sleep(1)
+        try:
+            trickle.send(b"a")
+        except OSError:
+            break
+    for sock in (silent, trickle):
+        answer = recv_until_closed(sock, 20)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+        assert b"Connection: close" in answer
+        sock.close()
+
+    huge = connect()
+    huge.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 70000)
+    answer = recv_until_closed(huge, 20)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    huge.close()
+
+    half = connect()  # a partial head, then the client closes its side
+    half.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    half.shutdown(socket.SHUT_WR)
+    answer = recv_until_closed(half, 20)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"closed its side" in answer, answer
+    half.close()
+
+    empty = connect()  # nothing at all, then half-closed: nobody to answer
+    empty.shutdown(socket.SHUT_WR)
+    assert recv_until_closed(empty, 20) == b""
+    empty.close()
+
+    reset = connect()  # a partial head, then a reset
+    reset.sendall(b"GET / HT")
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    reset.close()
+
+    whole = connect()  # a complete head, then half-closed: still served
+    whole.sendall(b"GET /nope HTTP/1.0\r\nHost: x\r\n\r\n")
+    whole.shutdown(socket.SHUT_WR)
+    assert recv_until_closed(whole, 20).startswith(b"HTTP/1.0 404 ")
+    whole.close()
+
+    # Meanwhile ordinary clients are served, and the short deadline was warned about.
+    status, _, _ = server.get("/nope")
+    assert status == 404
+    log = server.log()
+    assert "Traceback" not in log
+    assert log.count("WSGI_HIJACK_HEAD_TIMEOUT: a request head must arrive within 3 s") == 1
+
+
+def test_package_settings_run_the_demo_and_pick_the_lobby_worker(tmp_path):
+    from .conftest import Server, free_port, server_env
+
+    port = free_port()
+    server = Server([sys.executable, "-m", "gunicorn", "-c", "python:wsgi_hijack.gunicorn_conf",
+                     "-b", f"127.0.0.1:{port}", "--no-control-socket", "-k", "gevent",
+                     "wsgi_hijack:app"], port, server_env(0.5), tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = read_head(s)
+            while b"BEEP\n" not in data:
+                data += s.recv(4096)
+        assert data.startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.stop()
+    log = server.log()
+    assert "Using worker: wsgi_hijack.workers.ggevent.GeventWorker" in log, log
+    assert "WARNING" not in log, log
+
+
+def test_settings_that_lose_clients_are_warned_about_once(tmp_path):
+    from .conftest import Server, free_port, server_env
+
+    port = free_port()
+    env = dict(server_env(0.5), WSGI_HIJACK_HEAD_TIMEOUT="5")
+    argv = ["bash", "-c", 'ulimit -Sn 1024 && exec "$@"', "gunicorn",
+            sys.executable, "-m", "gunicorn", "-k", "wsgi_hijack.workers.ggevent.GeventWorker",
+            "--backlog", "100000", "-b", f"127.0.0.1:{port}", "--no-control-socket",
+            "wsgi_hijack:app"]
+    server = Server(argv, port, env, tmp_path, cwd=tmp_path)  # not ./gunicorn.conf.py
+    try:
+        status, _, _ = server.get("/nope")
+        assert status == 404
+    finally:
+        server.stop()
+    warnings = [line for line in server.log().splitlines() if "[WARNING]" in line]
+    assert len(warnings) == 3, warnings
+    nofile, backlog, head = (next(w for w in warnings if key in w) for key in (
+        "RLIMIT_NOFILE: soft limit 1024", "backlog = 100000 is above net.core.somaxconn",
+        "WSGI_HIJACK_HEAD_TIMEOUT: a request head must arrive within 5 s"))
+    assert "ulimit -n" in nofile and "python:wsgi_hijack.gunicorn_conf" in nofile
+    assert "sysctl -w net.core.somaxconn=100000" in backlog
+    assert "WSGI_HIJACK_HEAD_TIMEOUT=30" in head
+
+
+def test_gunicorns_own_gevent_worker_is_warned_about(start_server):
+    server = start_server("gunicorn-plain", heartbeat=5)  # gunicorn -k gevent, no config
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /events?channel=plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_head(s).startswith(b"HTTP/1.1 200 ")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /events?channel=plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_head(s).startswith(b"HTTP/1.1 200 ")
+    time.sleep(0.5)
+    log = server.log()
+    assert log.count("gunicorn's own gevent worker bounds the first request head") == 1, log
