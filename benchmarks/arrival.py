@@ -60,21 +60,21 @@ class Gunicorn:
     """The demo under gunicorn with the repository's settings; its worker found in /proc."""
 
     def __init__(self, workdir: Path, nofile: int | None = None, worker: str = "gevent",
-                 env: dict | None = None, heartbeat: float = 10.0) -> None:
+                 env: dict | None = None, heartbeat: float = 10.0, repo: Path = REPO) -> None:
         self.port = loadclient.free_server_port()
         self.log_path = workdir / f"gunicorn-{self.port}.log"
-        argv = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
+        argv = [sys.executable, "-m", "gunicorn", "-c", str(repo / "gunicorn.conf.py"),
                 "-b", f"127.0.0.1:{self.port}", "--no-control-socket", "-k", worker]
         if worker == "gthread":
             argv += ["--threads", "4"]
         argv.append("wsgi_hijack:app")
         if nofile is not None:
             argv = ["bash", "-c", f'ulimit -n {nofile} && exec "$@"', "gunicorn", *argv]
-        full_env = dict(os.environ, PYTHONPATH=str(REPO), WSGI_HIJACK_HEARTBEAT=str(heartbeat))
+        full_env = dict(os.environ, PYTHONPATH=str(repo), WSGI_HIJACK_HEARTBEAT=str(heartbeat))
         full_env.pop("GUNICORN_CMD_ARGS", None)
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=self._log,
+        self.proc = subprocess.Popen(argv, cwd=repo, env=full_env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.worker = self._wait_ready()
 
@@ -97,8 +97,13 @@ class Gunicorn:
     def rss(self) -> int:
         return loadclient.proc_stats(self.worker)["rss"]
 
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.worker}/fd"))
+    def fds(self) -> int | None:
+        """The worker's open fds; None once it has exited (gunicorn's gthread
+        worker ends on EMFILE in accept)."""
+        try:
+            return len(os.listdir(f"/proc/{self.worker}/fd"))
+        except FileNotFoundError:
+            return None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -290,10 +295,19 @@ def log_problems(text: str) -> dict:
     return found
 
 
+ARRIVAL_NOTE = """\
+`python benchmarks/arrival.py all --baseline-repo DIR --out arrival.json --md arrival.md`:
+each scenario on this tree and on the baseline (a checkout of the commit before
+the lobby), every client's connect in flight at once. "Slowest answer" is from
+the client's connect to its response head; a storm past the listen backlog
+(4,096) includes TCP's SYN retransmissions (1, 3, 7 s).
+"""
+
+
 # -- the scenarios ------------------------------------------------------------------------
 
 def fdlimit(args, workdir: Path) -> dict:
-    server = Gunicorn(workdir, nofile=args.nofile, worker=args.worker)
+    server = Gunicorn(workdir, nofile=args.nofile, worker=args.worker, repo=args.repo)
     try:
         crowd = Crowd(server.port, args.source)
         ordinary_every = 50
@@ -308,6 +322,7 @@ def fdlimit(args, workdir: Path) -> dict:
         result = {"scenario": "fdlimit", "worker": args.worker, "nofile": args.nofile,
                   "n": args.n, "streams": outcome(streams), "ordinary": outcome(ordinary),
                   "held": len(held), "worker_fds": server.fds()}
+        result["worker_exited"] = result["worker_fds"] is None
         # Room again once clients leave: close some held, then as many new ones.
         leave = held[:args.leave]
         crowd.close(leave)
@@ -323,7 +338,7 @@ def fdlimit(args, workdir: Path) -> dict:
 
 
 def slow(args, workdir: Path) -> dict:
-    server = Gunicorn(workdir, worker=args.worker,
+    server = Gunicorn(workdir, worker=args.worker, repo=args.repo,
                       env={"WSGI_HIJACK_HEAD_TIMEOUT": str(args.head_timeout)})
     try:
         crowd = Crowd(server.port, args.source)
@@ -360,6 +375,68 @@ def slow(args, workdir: Path) -> dict:
         server.stop()
 
 
+def run_all(args, workdir: Path) -> dict:
+    """Every scenario, on this tree and on ``--baseline-repo`` if given, each
+    run from its own client source address (TIME_WAIT holds a reused one's
+    ports for 60 s, and the next storm would measure that)."""
+    trees = [("this", REPO)] + ([("baseline", args.baseline_repo)] if args.baseline_repo else [])
+    runs = []
+    k = 0
+    for label, repo in trees:
+        for scenario, worker in (("fdlimit", "gevent"), ("fdlimit", "gthread"),
+                                 ("slow", "gevent")):
+            k += 1
+            one = argparse.Namespace(**vars(args))
+            one.repo, one.worker, one.source = repo, worker, f"127.0.{40 + k}.1"
+            result = (fdlimit if scenario == "fdlimit" else slow)(one, workdir)
+            result.pop("log_excerpt", None)
+            result["tree"] = label
+            runs.append(result)
+    return {"scenario": "all", "commit": _commit(REPO),
+            "baseline_commit": _commit(args.baseline_repo) if args.baseline_repo else None,
+            "runs": runs}
+
+
+def _commit(repo: Path) -> str:
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def table(result: dict) -> str:
+    """The Markdown table of an ``all`` run."""
+    lines = [f"Trees: this = {result['commit']}, baseline = {result['baseline_commit']}.", "",
+             "| scenario | tree | worker | held | 503 (with Retry-After) | other answers | "
+             "closed without answer | unanswered | slowest answer | EMFILE / traceback in log "
+             "| slow heads: answer, closed after | RSS per slow head |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        if r["scenario"] == "fdlimit":
+            s, o = r["streams"], r["ordinary"]
+            other = {k: v for k, v in s["statuses"].items() if k not in ("200", "503")}
+            lines.append(
+                f"| fd limit {r['nofile']:,}, {r['n']:,} at once | {r['tree']} | {r['worker']} "
+                f"| {r['held']:,} | {s['statuses'].get('503', 0)} ({s['retry_after_on_503']}) "
+                f"| {other or '-'}; /metrics {o['statuses']} "
+                f"| {s['closed_without_answer'] + o['closed_without_answer']} "
+                f"| {s['unanswered'] + o['unanswered']} "
+                f"| {s['slowest_answer_s']} s (/metrics {o['slowest_answer_s']} s) "
+                f"| {'yes' if r['emfile'] else 'no'} / {'yes' if r['traceback'] else 'no'}"
+                f"{'; the worker exited' if r.get('worker_exited') else ''} | - | - |")
+        else:
+            s, w = r["storm"], r["slow"]
+            closed = r["slow_closed_after_s"]
+            lines.append(
+                f"| {w['clients']:,} slow heads + storm of {s['clients']:,} | {r['tree']} "
+                f"| {r['worker']} | {r['storm_held']:,} of the storm | - | - "
+                f"| {s['closed_without_answer']} of the storm | {s['unanswered']} "
+                f"| {s['slowest_answer_s']} s "
+                f"| {'yes' if r['emfile'] else 'no'} / {'yes' if r['traceback'] else 'no'} "
+                f"| {w['statuses'] or 'none'}, {w['closed_without_answer']} closed without; "
+                f"after {closed['min']}-{closed['max']} s (deadline {r['head_timeout']:g} s) "
+                f"| {r['rss_per_slow_head']:,.0f} B |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="scenario", required=True)
@@ -372,7 +449,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--slow", type=int, default=2000)
     b.add_argument("--byte-every", type=float, default=2.0)
     b.add_argument("--head-timeout", type=float, default=30.0)
-    for p in (a, b):
+    c = sub.add_parser("all", help="every scenario, here and on --baseline-repo")
+    c.add_argument("--n", type=int, default=2500)
+    c.add_argument("--nofile", type=int, default=2000)
+    c.add_argument("--leave", type=int, default=100)
+    c.add_argument("--storm", type=int, default=17000)
+    c.add_argument("--slow", type=int, default=2000)
+    c.add_argument("--byte-every", type=float, default=2.0)
+    c.add_argument("--head-timeout", type=float, default=30.0)
+    c.add_argument("--baseline-repo", type=Path, default=None,
+                   help="a checkout of an earlier commit, run the same way")
+    c.add_argument("--md", type=Path, default=None, help="write the Markdown table here")
+    for p in (a, b, c):
         p.add_argument("--worker", default="gevent", choices=["gevent", "gthread"])
         p.add_argument("--source", default=None,
                        help="client source address (fresh per run: TIME_WAIT holds ports)")
@@ -387,11 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="arrival-") as tmp:
         workdir = args.logs or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        result = (fdlimit if args.scenario == "fdlimit" else slow)(args, workdir)
+        args.repo = REPO
+        scenarios = {"fdlimit": fdlimit, "slow": slow, "all": run_all}
+        result = scenarios[args.scenario](args, workdir)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    if args.scenario == "all" and args.md:
+        args.md.write_text("# Arrival at the edges\n\n" + ARRIVAL_NOTE + "\n" + table(result))
     return 0
 
 

@@ -209,3 +209,15 @@ def test_gunicorns_own_gevent_worker_is_warned_about(start_server):
     time.sleep(0.5)
     log = server.log()
     assert log.count("gunicorn's own gevent worker bounds the first request head") == 1, log
+
+
+def test_all_scenarios_write_a_table(tmp_path):
+    md = tmp_path / "arrival.md"
+    r = arrival("all", "--n", "300", "--nofile", "400", "--storm", "300", "--slow", "100",
+                "--head-timeout", "4", "--md", str(md))
+    assert [(x["scenario"], x["worker"], x["tree"]) for x in r["runs"]] == [
+        ("fdlimit", "gevent", "this"), ("fdlimit", "gthread", "this"), ("slow", "gevent", "this")]
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 4  # the header and one row a run
+    assert all(x["held"] == 300 - 6 for x in r["runs"] if x["scenario"] == "fdlimit")
+    assert r["runs"][2]["slow"]["statuses"] == {"408": 100}

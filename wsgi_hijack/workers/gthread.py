@@ -64,11 +64,14 @@ class ThreadWorker(gthread.ThreadWorker):
     def _room(self) -> int:
         if self.budget is None:
             return 1
-        # Each open connection counts twice: once hijacked, its fd moves to the
-        # reactor (held) while gthread keeps a stand-in fd until its main
-        # thread finishes the request, which may be seconds later (it closes
-        # refused connections gracefully, one at a time).
-        return self.budget.room(self._held(), 2 * self.nr_conns + self._in_threads())
+        # A connection being served counts twice: once hijacked, its fd moves
+        # to the reactor (held) while gthread keeps a stand-in fd until its
+        # main thread finishes the request, which may be seconds later (it
+        # closes refused connections gracefully, one at a time). Those kept
+        # alive or waiting for their first bytes sit in gthread's poller.
+        waiting = len(self.keepalived_conns) + len(self.pending_conns)
+        served = max(0, self.nr_conns - waiting)
+        return self.budget.room(self._held(), self.nr_conns + served + self._in_threads())
 
     def _in_threads(self) -> int:
         # What each request thread may open for a moment beside its
