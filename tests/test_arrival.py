@@ -221,3 +221,20 @@ def test_all_scenarios_write_a_table(tmp_path):
     assert len(rows) == 4  # the header and one row a run
     assert all(x["held"] == 300 - 6 for x in r["runs"] if x["scenario"] == "fdlimit")
     assert r["runs"][2]["slow"]["statuses"] == {"408": 100}
+
+
+@pytest.mark.parametrize("data, state", [
+    (b"", "partial"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n", "partial"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "complete"),
+    (b"GET / HTTP/1.1\r\n\r\nbody bytes after the head", "complete"),
+    (b"\r\n\r\n", "partial"),  # empty lines before a request line end no head
+    (b"\r\n\r\nGET / HTTP/1.1\r\n\r\n", "complete"),
+    (b"GET / HTTP/1.1\n\n", "partial"),  # bare LF: gunicorn wants CRLF, the deadline decides
+    (b"X" * 65536, "too_large"),
+    (b"GET / HTTP/1.1\r\n" + b"X" * 70000 + b"\r\n\r\n", "complete"),  # gunicorn's limits decide
+])
+def test_head_state(data, state):
+    from wsgi_hijack.lobby import head_state
+
+    assert head_state(data) == state

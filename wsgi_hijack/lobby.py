@@ -117,15 +117,18 @@ class Lobby:
         self._room = room
         self._socket_class = socket_class
         self._max_accept = max(1, max_accept)
-        # fd -> (sequence number, listener index): the connections waiting for
-        # their head. The sequence number tells a deadline of this connection
-        # from one of an earlier connection that had the same fd number.
-        self._parked: dict[int, tuple[int, int]] = {}
-        # (deadline, fd, seq), in order of arrival: the timeout is the same
-        # for all, so arrival order is deadline order, and a deque is a heap.
-        self._deadlines: deque[tuple[float, int, int]] = deque()
+        # fd -> (deadline, listener index): the connections waiting for their
+        # head. One tuple is shared by every connection of one accept batch,
+        # so a parked connection costs its dict slot.
+        self._parked: dict[int, tuple[float, int]] = {}
+        # (deadline, fds accepted in that batch), in order of arrival: the
+        # timeout is the same for all, so arrival order is deadline order and
+        # a deque is the timer heap. A fd handed over and accepted again later
+        # has a later deadline in _parked, which the earlier batch does not
+        # match. The entries of connections already gone stay until their
+        # batch expires: a list slot each.
+        self._deadlines: deque[tuple[float, list[int]]] = deque()
         self._ready: deque[tuple[int, int]] = deque()  # (fd, listener index)
-        self._seq = 0
         self._accepting = False
         self._running = False
         self._last_warning = -_WARN_EVERY
@@ -229,29 +232,39 @@ class Lobby:
         self._set_accepting(True)
         budget = min(room, self._max_accept)
         deadline = time.monotonic() + self.head_timeout
-        for index, own in enumerate(self._accept_socks):
-            while budget > 0:
-                try:
-                    fd, _addr = own._accept()
-                except BlockingIOError:
-                    break
-                except InterruptedError:
+        batch: list[int] = []
+        try:
+            for index, own in enumerate(self._accept_socks):
+                budget = self._accept_from(own, (deadline, index), budget, batch)
+        finally:
+            if batch:
+                self._deadlines.append((deadline, batch))
+
+    def _accept_from(self, own: Any, key: tuple[float, int], budget: int,
+                     batch: list[int]) -> int:
+        """Accept up to ``budget`` from one listener; return what is left."""
+        while budget > 0:
+            try:
+                fd, _addr = own._accept()
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ECONNABORTED:
                     continue
-                except OSError as exc:
-                    if exc.errno == errno.ECONNABORTED:
-                        continue
-                    if exc.errno in _ACCEPT_ERRNOS_PAUSE:
-                        self._pause(exc)
-                        return
-                    raise
-                budget -= 1
-                self.stats["accepted"] += 1
-                self._seq += 1
-                self._parked[fd] = (self._seq, index)
-                self._deadlines.append((deadline, fd, self._seq))
-                self._epoll.register(fd, _PARK_MASK)
-                # The head often came with the connection: look at once.
-                self._look(fd, 0)
+                if exc.errno in _ACCEPT_ERRNOS_PAUSE:
+                    self._pause(exc)
+                    return 0
+                raise
+            budget -= 1
+            self.stats["accepted"] += 1
+            self._parked[fd] = key
+            batch.append(fd)
+            self._epoll.register(fd, _PARK_MASK)
+            # The head often came with the connection: look at once.
+            self._look(fd, 0)
+        return budget
 
     def _pause(self, exc: OSError) -> None:
         self._set_accepting(False)
@@ -310,15 +323,16 @@ class Lobby:
         now = time.monotonic()
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, fd, seq = deadlines.popleft()
-            entry = self._parked.get(fd)
-            if entry is not None and entry[0] == seq:
-                self.stats["timed_out"] += 1
-                self._close(fd, _TIMEOUT)
+            deadline, batch = deadlines.popleft()
+            for fd in batch:
+                entry = self._parked.get(fd)
+                if entry is not None and entry[0] == deadline:
+                    self.stats["timed_out"] += 1
+                    self._close(fd, _TIMEOUT)
 
     # -- leaving the lobby -------------------------------------------------------
 
-    def _unpark(self, fd: int) -> tuple[int, int]:
+    def _unpark(self, fd: int) -> tuple[float, int]:
         entry = self._parked.pop(fd)
         try:
             self._epoll.unregister(fd)
