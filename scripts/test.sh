@@ -11,6 +11,10 @@ need=()
 command -v redis-server > /dev/null || need+=(redis-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# The seed on Puma, the anchor of the connect-storm benchmark
+# (benchmarks/storm.py, tests/test_storm_bench.py), and nstat for its counters.
+command -v puma > /dev/null || need+=(puma ruby-rack)
+command -v nstat > /dev/null || need+=(iproute2)
 # A C compiler: the fan-out loop (wsgi_hijack/_fanout.c, which a test checks
 # was built) and the benchmark's floor (benchmarks/floor.c).
 command -v gcc > /dev/null || need+=(gcc)

@@ -18,9 +18,16 @@ samples their RSS, fd count and CPU time from ``/proc`` before the connect
 phase, at the start and end of the hold window, and every ``--sample-interval``
 seconds while holding (the soak timeline).
 
+``--storm`` is a connect storm, as after a deploy: no pacing (the window is
+N, no rate), no retries, and every connect in flight at once (each client
+process makes its sockets first; all start on one signal). A client whose
+connect succeeded but which was closed or reset before any response head is
+counted as *closed without an answer*, not retried.
+
 The report (:func:`run` returns it; ``--json`` prints it) is a dict with
-``connections``, ``time_to_all_heads``, ``hold``, ``server`` and ``latency``
-(``None`` for now: a later issue measures publish-to-receive latency).
+``connections``, ``time_to_all_heads``, ``hold``, ``server``, ``storm``
+(heads over time, time until all were hijacked) and ``latency`` (``None``
+for now: a later issue measures publish-to-receive latency).
 """
 
 from __future__ import annotations
@@ -168,6 +175,7 @@ class _WorkerProc:
         self.buf = b""
         self.last: dict = {}
         self.ready: dict | None = None
+        self.armed = False
         self.marked = False
         self.final: dict | None = None
 
@@ -192,10 +200,16 @@ class _WorkerProc:
 def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None = None,
         gunicorn_master: int | None = None, per_process: int | None = None,
         source_addresses: str = "auto", window: int = 1000, rate: float = 0.0,
-        retries: int = 30, connect_timeout: float = 300.0, head_timeout: float = 60.0,
+        retries: int = 30, connect_timeout: float = 300.0, head_timeout: float | None = None,
         sample_interval: float = 0.0, progress: float = 2.0,
-        progress_stream=None) -> dict:
-    """Open ``n`` connections to ``url``, hold them ``duration`` seconds; return the report."""
+        progress_stream=None, storm: bool = False) -> dict:
+    """Open ``n`` connections to ``url``, hold them ``duration`` seconds; return the report.
+
+    ``storm``: every connect at once, none paced or retried (``window``, ``rate``
+    and ``retries`` are ignored). ``head_timeout`` (default 60 s, 150 s in a
+    storm: past the kernel's whole SYN retransmission schedule of about 127 s,
+    so that TCP, not the client, decides who is lost) gives up on a connection
+    that has no response head by then."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"expected an http:// URL, got {url!r}")
@@ -208,6 +222,10 @@ def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None 
         pids += children(gunicorn_master)
     per_process = per_process or default_per_process()
     shares = plan(n, host, per_process, source_addresses)
+    if storm:
+        window, rate, retries = n, 0.0, 0
+    if head_timeout is None:
+        head_timeout = 150.0 if storm else 60.0
     window_each = max(1, window // len(shares))
     rate_each = rate / len(shares) if rate else 0.0
 
@@ -217,7 +235,7 @@ def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None 
     workers = [
         _WorkerProc(i, {"n": s["n"], "source": s["source"], "host": host, "port": port,
                         "request": request, "window": window_each, "rate": rate_each,
-                        "retries": retries, "head_timeout": head_timeout,
+                        "retries": retries, "head_timeout": head_timeout, "storm": storm,
                         "progress": min(progress, 1.0) if progress else 1.0})
         for i, s in enumerate(shares)
     ]
@@ -225,7 +243,10 @@ def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None 
     for w in workers:
         sel.register(w.proc.stdout, selectors.EVENT_READ, w)
     out = progress_stream if progress_stream is not None else sys.stderr
-    phase = "connect"
+    # A storm starts once every client process has made its sockets ("arm"):
+    # then all get "go" together, and the connect phase is timed from there.
+    phase = "arm" if storm else "connect"
+    t_go: float | None = None
     held_at = hold_end = None
     mark_sample: list[dict] = []
     end_sample: list[dict] = []
@@ -241,16 +262,22 @@ def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None 
         next_print = now + progress
         tot = {k: sum(w.last.get(k, 0) for w in workers)
                for k in ("attempts", "headed", "held", "pending", "dropped", "failed",
-                         "retries", "messages")}
+                         "retries", "messages", "closed_without_answer")}
         print(f"[loadclient {now - t_start:7.1f}s {phase}] held {tot['held']}/{n} "
               f"pending {tot['pending']} dropped {tot['dropped']} failed {tot['failed']} "
+              f"closed-without-answer {tot['closed_without_answer']} "
               f"retries {tot['retries']} messages {tot['messages']}", file=out, flush=True)
 
     try:
         while live:
             now = time.monotonic()
+            if phase == "arm" and all(w.armed or w not in live for w in workers):
+                phase = "connect"
+                t_go = now
+                for w in workers:
+                    w.send("go")
             if phase == "connect" and (all(w.ready for w in workers)
-                                       or now - t_start > connect_timeout):
+                                       or now - (t_go or t_start) > connect_timeout):
                 phase = "mark"
                 held_at = now
                 for w in workers:
@@ -283,6 +310,8 @@ def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None 
                         live.discard(w)
                     elif kind == "progress":
                         w.last = msg
+                    elif kind == "armed":
+                        w.armed = True
                     elif kind == "ready":
                         w.ready = msg
                         w.last = msg
@@ -306,15 +335,67 @@ def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None 
         sel.close()
     if progress:
         show(force=True)
-    return _report(url, n, duration, shares, workers, pids, before, mark_sample, end_sample,
-                   samples, t_start, held_at)
+    report = _report(url, n, duration, shares, workers, pids, before, mark_sample, end_sample,
+                     samples, t_start, held_at)
+    report["storm"] = _storm_section(workers, n, storm, t_go)
+    return report
+
+
+def heads_over_time(times: list[float], t0: float, step: float = 0.01) -> list[list[float]]:
+    """Response heads received by each moment, as ``[seconds since t0, heads]``
+    points: the end of each ``step`` in which heads arrived, the start of each
+    stretch without any, and the origin; a line through them is the curve of
+    hijacked-over-time, kept small at 20,000 heads."""
+    rel = sorted(t - t0 for t in times)
+    if rel and rel[-1] > step * 4000:  # a slow storm: at most ~8000 points
+        step = rel[-1] / 4000
+    points: list[list[float]] = [[0.0, 0]]
+    i = 0
+    while i < len(rel):
+        start = math.floor(rel[i] / step) * step
+        if start > points[-1][0] + step / 2:
+            # No heads since the last point: a flat stretch (a SYN waiting for
+            # its retransmission), so that a line drawn through the points is flat.
+            points.append([round(start, 3), i])
+        edge = start + step
+        while i < len(rel) and rel[i] < edge:
+            i += 1
+        # Each point is the end of a step with heads in it; the last one is the
+        # last head itself, so the curve ends where the storm did.
+        points.append([round(edge if i < len(rel) else rel[-1], 3), i])
+    return points
+
+
+def _storm_section(workers: list[_WorkerProc], n: int, storm: bool,
+                   t_go: float | None) -> dict:
+    """Heads over time from the first connect, and when the last of N got its head."""
+    finals = [w.final or w.last for w in workers]
+    times = [t for f in finals for t in f.get("head_times", [])]
+    firsts = [f["t_first"] for f in finals if f.get("t_first") is not None]
+    t0 = min(firsts) if firsts else t_go
+    if t0 is None:
+        return {"storm": storm, "heads_over_time": [], "time_to_last_head": None,
+                "time_to_all_hijacked": None, "time_to_half": None, "connect_spread": None}
+    rel = sorted(t - t0 for t in times)
+    return {
+        "storm": storm,
+        # How long the client processes took to issue their first connects
+        # after one another (the "at once" of the storm, as measured).
+        "connect_spread": (max(firsts) - min(firsts)) if firsts else None,
+        "heads_over_time": heads_over_time(times, t0),
+        "time_to_half": rel[(n + 1) // 2 - 1] if len(rel) >= (n + 1) // 2 and rel else None,
+        "time_to_last_head": rel[-1] if rel else None,
+        # Every one of the N got its head (was hijacked): when the last did.
+        "time_to_all_hijacked": rel[-1] if rel and len(rel) >= n else None,
+    }
 
 
 def _report(url, n, duration, shares, workers, pids, before, mark_sample, end_sample,
             samples, t_start, held_at) -> dict:
     finals = [w.final or w.last for w in workers]
     total = {k: sum(f.get(k, 0) for f in finals)
-             for k in ("attempts", "opened", "headed", "held", "dropped", "failed", "retries")}
+             for k in ("attempts", "opened", "headed", "held", "dropped", "failed", "retries",
+                       "closed_without_answer", "timed_out", "connect_failed")}
     errors: dict[str, int] = {}
     for f in finals:
         for k, v in f.get("errors", {}).items():
@@ -405,9 +486,21 @@ def format_report(r: dict) -> str:
         ("held at the end", str(c["held"])),
         ("dropped after the head", str(c["dropped"])),
         ("failed (gave up)", str(c["failed"])),
+        ("closed without an answer", str(c.get("closed_without_answer", 0))
+         + ("" if r.get("storm", {}).get("storm") else " (each retried)")),
+        ("no head in time / connect failed",
+         f"{c.get('timed_out', 0)} / {c.get('connect_failed', 0)}"),
         ("time until all got their head",
          f"{r['time_to_all_heads']:.3f} s" if r["time_to_all_heads"] is not None else "-"),
     ]
+    st = r.get("storm") or {}
+    if st.get("storm"):
+        rows.append(("storm: time until all were hijacked",
+                     f"{st['time_to_all_hijacked']:.3f} s from the first connect"
+                     if st.get("time_to_all_hijacked") is not None else "- (not all)"))
+        rows.append(("storm: half had their head after",
+                     f"{st['time_to_half']:.3f} s" if st.get("time_to_half") is not None
+                     else "-"))
     if c["errors"]:
         rows.append(("errors seen", ", ".join(f"{k} x{v}" for k, v in c["errors"].items())))
     for label, key in (("messages per connection in the hold window", "messages_per_connection"),
@@ -457,11 +550,18 @@ def main(argv: list[str] | None = None) -> int:
                          "none, or a comma-separated list")
     ap.add_argument("--per-process", type=int, default=None,
                     help=f"connections per client process (default {default_per_process()})")
+    ap.add_argument("--storm", action="store_true",
+                    help="a connect storm: every connect in flight at once (window N, no "
+                         "rate, no retries); counts clients closed without an answer and "
+                         "records heads over time")
     ap.add_argument("--window", type=int, default=1000,
                     help="connections between connect() and their head at once, in all")
     ap.add_argument("--rate", type=float, default=0.0, help="new connects per second (0: any)")
     ap.add_argument("--retries", type=int, default=30)
     ap.add_argument("--connect-timeout", type=float, default=300.0)
+    ap.add_argument("--head-timeout", type=float, default=None,
+                    help="give up on a connection with no response head after S seconds "
+                         "(default 60; 150 with --storm)")
     ap.add_argument("--sample-interval", type=float, default=0.0,
                     help="sample server RSS and fds every S seconds while holding")
     ap.add_argument("--progress", type=float, default=2.0, help="seconds between progress lines")
@@ -471,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
                  gunicorn_master=args.gunicorn_master, per_process=args.per_process,
                  source_addresses=args.source_addresses, window=args.window, rate=args.rate,
                  retries=args.retries, connect_timeout=args.connect_timeout,
-                 sample_interval=args.sample_interval, progress=args.progress)
+                 head_timeout=args.head_timeout, sample_interval=args.sample_interval,
+                 progress=args.progress, storm=args.storm)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     c = report["connections"]
     return 0 if c["held"] == args.n and not c["dropped"] else 1

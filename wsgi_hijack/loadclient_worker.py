@@ -3,18 +3,32 @@
 Started by :mod:`wsgi_hijack.loadclient` as ``python -m wsgi_hijack.loadclient_worker``
 with its settings as one JSON line on stdin. It speaks JSON lines on stdout:
 
+- ``armed`` (storm only) once every socket is made: the parent writes ``go``
+  when all worker processes are armed, and each then issues all its connects
+  in one loop;
 - ``progress`` every ``progress`` seconds (counts so far);
 - ``ready`` once every connection got its response head or was given up on;
 - ``marked`` after the parent wrote ``mark`` (the start of the hold window:
   each connection's message count is noted);
 - ``final`` after the parent wrote ``stop`` (or closed stdin): the counts and,
-  per held connection, the messages received in total and since the mark.
+  per held connection, the messages received in total and since the mark,
+  and the moment (``time.monotonic()``, one clock for all processes) each
+  response head arrived: the parent turns them into heads over time.
 
 Everything is one single-threaded ``epoll`` loop over non-blocking sockets.
 Connects are paced: at most ``window`` connections are between ``connect()``
 and their response head at any time (so a connect storm does not overflow the
 server's listen backlog), optionally at most ``rate`` new connects a second.
 A connect refused or reset before the head is retried after a short pause.
+
+A **storm** (``storm`` in the settings) is the other way round: nothing is
+paced and nothing is retried, because what the server does to clients that
+all arrive at once is what is measured. Every connection's socket is made
+(and bound to the source address) first, and the connects go out back to
+back on the parent's ``go``. Each client ends as exactly one of: holding
+(or dropped after its head), *closed without an answer* (the connect
+succeeded, then the server closed or reset it before a response head),
+connect failed, no head within ``head_timeout``, or a non-2xx answer.
 """
 
 from __future__ import annotations
@@ -78,8 +92,18 @@ class Worker:
         self.pending: dict[int, Conn] = {}  # not yet streaming
         self.retry: deque[tuple[float, int]] = deque()  # (not before, tries so far)
         self.to_open = self.n
+        self.storm = bool(cfg.get("storm"))
+        if self.storm:  # one shot each: a storm measures who is answered, not persistence
+            self.window = max(1, self.n)
+            self.rate = 0.0
+            self.max_tries = 1
+        # closed_without_answer, timed_out, connect_failed: why a connect got no
+        # head. In a storm each client counts once; paced, each attempt (retried).
         self.counts = {"attempts": 0, "opened": 0, "headed": 0, "dropped": 0, "failed": 0,
-                       "retries": 0, "errors": {}}
+                       "retries": 0, "closed_without_answer": 0, "timed_out": 0,
+                       "connect_failed": 0, "errors": {}}
+        self.head_times: list[float] = []
+        self.armed: list[socket.socket] = []
         self.t_first = None
         self.t_ready = None
         self.t_last_head = None
@@ -127,21 +151,43 @@ class Worker:
                 self.tokens -= 1
             self.connect(tries, now)
 
-    def connect(self, tries: int, now: float) -> None:
+    def new_socket(self) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if self.source:
+            # The port is chosen at connect(), per destination: a source address
+            # then reaches the whole ephemeral range for each server port.
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.source, 0))
+        return sock
+
+    def arm(self) -> None:
+        """Storm: make every socket before the signal, so that the connects
+        themselves go out back to back (a socket and a bind cost more than a
+        non-blocking connect)."""
+        self.armed = [self.new_socket() for _ in range(self.to_open)]
+
+    def fire(self, now: float) -> None:
+        """Storm: every connect at once, nothing between them."""
+        armed, self.armed = self.armed, []
+        self.to_open -= len(armed)
+        for sock in armed:
+            self.connect(0, now, sock)
+
+    def connect(self, tries: int, now: float, sock: socket.socket | None = None) -> None:
         if self.t_first is None:
             self.t_first = now
         self.counts["attempts"] += 1
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
-            if self.source:
-                sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((self.source, 0))
+            if sock is None:
+                sock = self.new_socket()
             err = sock.connect_ex((self.host, self.port))
         except OSError as exc:
             err = exc.errno
         if err not in (0, errno.EINPROGRESS):
-            sock.close()
+            if sock is not None:
+                sock.close()
+            self.counts["connect_failed"] += 1
             self.again(tries, err, now)
             return
         conn = Conn(sock, tries + 1, now)
@@ -150,7 +196,11 @@ class Worker:
         self.pending[fd] = conn
         self.ep.register(fd, EPOLLOUT | EPOLLIN | EPOLLRDHUP)
 
-    def again(self, tries: int, err: int | None, now: float) -> None:
+    def again(self, tries: int, err: int | None, now: float, why: str | None = None) -> None:
+        """Count a connect that got no head (``why``: the counter to add one to),
+        then retry it or give up."""
+        if why:
+            self.counts[why] += 1
         name = errno.errorcode.get(err or 0, str(err))
         errors = self.counts["errors"]
         errors[name] = errors.get(name, 0) + 1
@@ -182,7 +232,12 @@ class Worker:
             err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self.close(fd, conn)
-                self.again(conn.tries - 1, err, now)
+                # Linux reports a reset during the handshake as ECONNREFUSED;
+                # ECONNRESET (or EPIPE) means it was established, then reset
+                # before this loop saw it writable.
+                why = ("closed_without_answer" if err in (errno.ECONNRESET, errno.EPIPE)
+                       else "connect_failed")
+                self.again(conn.tries - 1, err, now, why)
                 return
             if not mask & EPOLLOUT:
                 return
@@ -191,7 +246,7 @@ class Worker:
                 conn.sock.send(self.request)
             except OSError as exc:
                 self.close(fd, conn)
-                self.again(conn.tries - 1, exc.errno, now)
+                self.again(conn.tries - 1, exc.errno, now, "closed_without_answer")
                 return
             conn.state = AWAIT_HEAD
             self.ep.modify(fd, EPOLLIN | EPOLLRDHUP)
@@ -203,11 +258,11 @@ class Worker:
             return
         except OSError as exc:
             self.close(fd, conn)
-            self.again(conn.tries - 1, exc.errno, now)
+            self.again(conn.tries - 1, exc.errno, now, "closed_without_answer")
             return
-        if not data:
+        if not data:  # closed before a whole head: recorded as ECONNRESET, as before
             self.close(fd, conn)
-            self.again(conn.tries - 1, errno.ECONNRESET, now)
+            self.again(conn.tries - 1, errno.ECONNRESET, now, "closed_without_answer")
             return
         buf = conn.buf + data
         end = buf.find(_HEAD_END)
@@ -235,6 +290,7 @@ class Worker:
         del self.pending[fd]
         self.counts["headed"] += 1
         self.t_last_head = now
+        self.head_times.append(now)
         self.count(conn, rest)
 
     def count(self, conn: Conn, data: bytes) -> None:
@@ -263,14 +319,22 @@ class Worker:
         for fd, conn in list(self.pending.items()):
             if now - conn.started > self.head_timeout:
                 self.close(fd, conn)
-                self.again(conn.tries - 1, errno.ETIMEDOUT, now)
+                self.again(conn.tries - 1, errno.ETIMEDOUT, now, "timed_out")
 
     # -- the loop -----------------------------------------------------------------------
 
     def run(self, control) -> None:
         ctl_fd = control.fileno()
-        self.ep.register(ctl_fd, EPOLLIN)
         ctl_buf = b""
+        if self.storm:
+            self.arm()
+            self.emit("armed", sockets=len(self.armed))
+            ctl_buf, go = _read_line(ctl_fd)
+            if go != b"go":
+                self.armed.clear()  # the parent went away or stopped before the start
+                return
+            self.fire(time.monotonic())
+        self.ep.register(ctl_fd, EPOLLIN)
         next_progress = time.monotonic()
         next_expire = next_progress + 1.0
         stopping = False
@@ -314,10 +378,24 @@ class Worker:
             t_first=self.t_first, t_last_head=self.t_last_head, t_ready=self.t_ready,
             messages_total=[c.messages() for c in streaming],
             messages_window=[c.messages(since_mark=True) for c in streaming],
+            head_times=[round(t, 4) for t in self.head_times],
         )
         self.emit("final", **final)
         for conn in list(self.conns.values()):
             conn.sock.close()
+
+
+def _read_line(fd: int) -> tuple[bytes, bytes]:
+    """Block for one command line on ``fd``: (what came after it, the line);
+    the line is ``b""`` when the other end closed."""
+    buf = b""
+    while b"\n" not in buf:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"", b""
+        buf += chunk
+    line, rest = buf.split(b"\n", 1)
+    return rest, line.strip()
 
 
 def main() -> None:
