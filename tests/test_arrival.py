@@ -237,3 +237,20 @@ def test_head_state(data, state):
     from wsgi_hijack.lobby import head_state
 
     assert head_state(data) == state
+
+
+def test_gthread_waits_for_the_head_past_keepalive_and_answers_408(start_server):
+    server = start_server("gunicorn", heartbeat=5, app="wsgi_hijack:app",
+                          args=("-k", "gthread", "--threads", "4"),
+                          env={"WSGI_HIJACK_HEAD_TIMEOUT": "10"})
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    late = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    time.sleep(7)  # past keepalive (5), within the head deadline (10)
+    late.sendall(b"GET /nope HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert recv_until_closed(late, 30).startswith(b"HTTP/1.0 404 ")
+    assert recv_until_closed(silent, 30).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    late.close()
+    silent.close()
+    log = server.log()
+    assert "Using worker: wsgi_hijack.workers.gthread.ThreadWorker" in log
+    assert "Traceback" not in log
