@@ -77,14 +77,18 @@ def fd_reserve(budget: FdBudget, admission: Admission, in_flight: int = 0) -> st
             f"for itself), so new clients wait unanswered. Fix: WSGI_HIJACK_FD_RESERVE={want}")
 
 
-def run_checks(cfg: Any, own_lobby: bool, logger: Any = None) -> list[str]:
+def run_checks(cfg: Any, own_lobby: bool, logger: Any = None, budget: FdBudget | None = None,
+               admission: Admission | None = None, in_flight: int = 0) -> list[str]:
     """Check a worker's settings; log each problem as one WARNING; return them.
 
     ``own_lobby``: the worker waits for heads itself (:mod:`wsgi_hijack.lobby`),
     bounded by ``WSGI_HIJACK_HEAD_TIMEOUT``; otherwise gunicorn's
-    ``keepalive`` bounds the first head.
+    ``keepalive`` bounds the first head. With ``budget`` and ``admission``,
+    the fds left for arriving connections are checked too (:func:`fd_reserve`).
     """
     problems = [nofile_limit(), backlog(int(getattr(cfg, "backlog", 0) or 0))]
+    if budget is not None and admission is not None:
+        problems.append(fd_reserve(budget, admission, in_flight))
     if own_lobby:
         problems.append(head_deadline(config.head_timeout(), "WSGI_HIJACK_HEAD_TIMEOUT",
                                       "WSGI_HIJACK_HEAD_TIMEOUT=30 (the default)"))

@@ -34,6 +34,7 @@ from gunicorn.workers import ggevent
 from .. import config
 from ..admission import FdBudget
 from ..lobby import Lobby
+from ..reactor import get_reactor
 from . import checks
 
 #: Seconds a stopping worker still waits for heads already begun (as
@@ -49,14 +50,10 @@ class GeventWorker(ggevent.GeventWorker):
         if self.cfg.is_ssl or self.server_class is not None:
             checks.run_checks(self.cfg, own_lobby=False, logger=self.log)
             return super().run()
-        from ..reactor import get_reactor
-
         reactor = get_reactor()
         budget = FdBudget()
-        checks.run_checks(self.cfg, own_lobby=True, logger=self.log)
-        problem = checks.fd_reserve(budget, reactor.admission)
-        if problem:
-            self.log.warning("wsgi_hijack: %s", problem)
+        checks.run_checks(self.cfg, own_lobby=True, logger=self.log, budget=budget,
+                          admission=reactor.admission)
         pool = self.pool = Pool(self.worker_connections)
         for sock in self.sockets:
             sock.setblocking(1)

@@ -31,6 +31,7 @@ from gunicorn.workers import gthread
 from .. import config
 from ..admission import FdBudget
 from ..lobby import answer
+from ..reactor import current_reactor, get_reactor
 from . import checks
 
 _TIMEOUT = answer("408 Request Timeout", "the request head did not arrive in time")
@@ -47,17 +48,11 @@ class ThreadWorker(gthread.ThreadWorker):
     def run(self) -> None:
         self.head_timeout = config.head_timeout()
         self.budget = FdBudget()
-        checks.run_checks(self.cfg, own_lobby=True, logger=self.log)
-        from ..reactor import get_reactor
-
-        problem = checks.fd_reserve(self.budget, get_reactor().admission, self._in_threads())
-        if problem:
-            self.log.warning("wsgi_hijack: %s", problem)
+        checks.run_checks(self.cfg, own_lobby=True, logger=self.log, budget=self.budget,
+                          admission=get_reactor().admission, in_flight=self._in_threads())
         super().run()
 
     def _held(self) -> int:
-        from ..reactor import current_reactor
-
         reactor = current_reactor()
         return reactor.holding if reactor is not None else 0
 
