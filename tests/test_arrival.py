@@ -147,9 +147,28 @@ def test_bad_heads_get_a_clear_answer(start_server):
     # Meanwhile ordinary clients are served, and the short deadline was warned about.
     status, _, _ = server.get("/nope")
     assert status == 404
+    # /metrics counts how the waits ended (synced once a second). The reset
+    # one counts as half closed (its partial head came with the reset), and
+    # the fixture's start-up probe (connect, close) as gone.
+    wanted = {"timed_out": 2, "too_large": 1, "half_closed": 2}
+    deadline = time.monotonic() + 10
+    while True:
+        _, _, body = server.get("/metrics")
+        seen = {result: _metric(body.decode(), result) for result in wanted}
+        if seen == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert seen == wanted, body.decode()
+    assert _metric(body.decode(), "gone") >= 2 and _metric(body.decode(), "handed_over") >= 3
     log = server.log()
     assert "Traceback" not in log
     assert log.count("WSGI_HIJACK_HEAD_TIMEOUT: a request head must arrive within 3 s") == 1
+
+
+def _metric(text: str, result: str) -> float:
+    prefix = f'wsgi_hijack_request_heads_total{{result="{result}"}} '
+    return next((float(line[len(prefix):]) for line in text.splitlines()
+                 if line.startswith(prefix)), 0.0)
 
 
 def test_package_settings_run_the_demo_and_pick_the_lobby_worker(tmp_path):

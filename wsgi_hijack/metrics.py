@@ -60,6 +60,12 @@ class _Instruments:
         self.delivered = Counter("wsgi_hijack_messages_delivered",
                                  "Message frames written to subscribers")
         self.bus_errors = Counter("wsgi_hijack_bus_errors", "Bus operations that failed")
+        self.heads = Counter("wsgi_hijack_request_heads",
+                             "Accepted connections by how their wait for a request head "
+                             "ended (wsgi_hijack.lobby)", ["result"])
+        self.waiting_heads = Gauge("wsgi_hijack_waiting_heads",
+                                   "Accepted connections waiting for their request head",
+                                   multiprocess_mode="livesum")
         #: protocol labels the held gauge has been set for
         self.protocols: set[str] = set()
 
@@ -111,6 +117,32 @@ class ReactorMetrics:
                 counter.inc(delta)
         for seconds in write_runs:
             self.write_run.observe(seconds)
+
+
+class LobbyMetrics:
+    """The lobby's counts, turned into metrics as deltas (like the reactor's)."""
+
+    RESULTS = ("handed_over", "timed_out", "too_large", "half_closed", "gone")
+
+    def __init__(self) -> None:
+        global _instruments
+        if _instruments is None:
+            _instruments = _Instruments()
+        self.heads, self.waiting = _instruments.heads, _instruments.waiting_heads
+        self._last: dict[str, int] = {}
+
+    def sync(self, stats: dict, waiting: int) -> None:
+        self.waiting.set(waiting)
+        for result in self.RESULTS:
+            value = stats.get(result, 0)
+            delta = value - self._last.get(result, 0)
+            if delta:
+                self.heads.labels(result).inc(delta)
+            self._last[result] = value
+
+
+def create_lobby() -> LobbyMetrics | None:
+    return LobbyMetrics() if _client() is not None else None
 
 
 def create() -> ReactorMetrics | None:

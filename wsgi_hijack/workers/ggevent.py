@@ -31,7 +31,7 @@ import gevent.socket
 from gevent.pool import Pool
 from gunicorn.workers import ggevent
 
-from .. import config
+from .. import config, metrics
 from ..admission import FdBudget
 from ..lobby import Lobby
 from ..reactor import get_reactor
@@ -70,8 +70,11 @@ class GeventWorker(ggevent.GeventWorker):
                                    max_accept=1 if shared else 1024)
         lobby.start()
         checks.lobby_active = True
+        lobby_metrics = metrics.create_lobby()
         while self.alive:
             self.notify()
+            if lobby_metrics is not None:
+                lobby_metrics.sync(lobby.stats, lobby.waiting)
             gevent.sleep(1.0)
         self._stop(lobby, pool)
 
