@@ -233,12 +233,15 @@ class Crowd:
     def _trickle(self) -> None:
         now = time.monotonic()
         for c in list(self.clients.values()):
-            if c.next_byte is not None and now >= c.next_byte and c.ended is None:
-                try:
-                    c.sock.send(b"a")
-                except OSError:
-                    pass
-                c.next_byte = now + self.byte_every
+            if c.next_byte is None or now < c.next_byte or c.ended is not None:
+                continue
+            c.next_byte = now + self.byte_every
+            if c.status is not None or _has_input(c.sock):
+                continue  # the answer is in: a byte now would meet a closed socket (reset)
+            try:
+                c.sock.send(b"a")
+            except OSError:
+                pass
 
     def _end(self, fd: int, c: Client, now: float, error: str | None) -> None:
         c.ended, c.error = now, error
@@ -257,6 +260,16 @@ class Crowd:
                     pass
                 c.sock.close()
                 c.ended = time.monotonic()
+
+
+def _has_input(sock: socket.socket) -> bool:
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True  # data, or EOF
 
 
 def request(path: str) -> bytes:
@@ -323,13 +336,26 @@ def fdlimit(args, workdir: Path) -> dict:
                   "n": args.n, "streams": outcome(streams), "ordinary": outcome(ordinary),
                   "held": len(held), "worker_fds": server.fds()}
         result["worker_exited"] = result["worker_fds"] is None
-        # Room again once clients leave: close some held, then as many new ones.
+        # Room again once clients leave: close some held, then as many new
+        # ones. The worker notices a close at once, but "at once" is a moment:
+        # a client refused meanwhile tries again, as Retry-After tells it to
+        # (here sooner), up to 20 times.
         leave = held[:args.leave]
         crowd.close(leave)
-        time.sleep(0.5)
-        again = crowd.open(len(leave), "again", request("/events?channel=storm"))
-        crowd.run(answered_or_ended(again), args.client_timeout)
+        again: list[Client] = []
+        wanted, tries = len(leave), 0
+        while wanted and tries < 20:
+            tries += 1
+            batch = crowd.open(wanted, "again", request("/events?channel=storm"))
+            crowd.run(answered_or_ended(batch), args.client_timeout)
+            refused = [c for c in batch if c.status == 503]
+            crowd.close(refused)
+            again += [c for c in batch if c.status != 503]
+            wanted = len(refused)
+            if wanted:
+                time.sleep(0.25)
         result["held_again"] = outcome(again)
+        result["held_again"]["tries"] = tries
         result.update(log_problems(server.log()))
         crowd.close([c for c in everyone + again])
         return result
