@@ -13,6 +13,9 @@ from wsgi_hijack import HijackedSocket, HijackError, HijackMiddleware, full_hija
 from wsgi_hijack.config import heartbeat_interval, max_buffer
 from wsgi_hijack.hijack import encode_head
 
+# Start no subprocess, need no redis, chromium or uWSGI: `pytest -m unit`.
+pytestmark = pytest.mark.unit
+
 
 def test_encode_head_is_exact():
     assert encode_head("200 OK", [("Content-Type", "text/plain"), ("X-A", "b")]) == (

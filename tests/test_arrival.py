@@ -242,6 +242,7 @@ def test_all_scenarios_write_a_table(tmp_path):
     assert r["runs"][2]["slow"]["statuses"] == {"408": 100}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("data, state", [
     (b"", "partial"),
     (b"GET / HTTP/1.1\r\nHost: x\r\n", "partial"),

@@ -16,6 +16,9 @@ from wsgi_hijack.protocols.sse import ServerSentEvents
 
 from .test_wire import recv_exactly
 
+# Start no subprocess, need no redis, chromium or uWSGI: `pytest -m unit`.
+pytestmark = pytest.mark.unit
+
 BEAT = b"BEEP\n"
 
 

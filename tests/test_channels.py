@@ -164,6 +164,7 @@ def test_publish_token(start_server):
     assert ok.status_code == 202 and isinstance(ok.json()["id"], int)
 
 
+@pytest.mark.unit
 def test_publish_rule_refuses_non_loopback_without_token(monkeypatch):
     from wsgi_hijack.demo import may_publish
 

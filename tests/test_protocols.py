@@ -16,6 +16,9 @@ from wsgi_hijack.protocols import ChunkedStream, LongPoll, ServerSentEvents, enc
 from wsgi_hijack.protocols.chunked import HEAD_HEADERS as CHUNKED_HEAD
 from wsgi_hijack.protocols.chunked import LAST_CHUNK
 
+# Start no subprocess, need no redis, chromium or uWSGI: `pytest -m unit`.
+pytestmark = pytest.mark.unit
+
 SAFE_NAME = st.text(st.characters(exclude_characters="\r\n\x00", exclude_categories=("Cs",)),
                     min_size=1, max_size=40)
 

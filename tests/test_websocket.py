@@ -433,6 +433,7 @@ def test_slow_reader_is_dropped_like_other_protocols(start_server):
 # -- per-connection memory, sans-IO ---------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_idle_connection_holds_no_parser_and_little_memory():
     from wsgi_hijack.protocols.websocket import Endpoint, WebSocket
 
@@ -467,6 +468,7 @@ def test_idle_connection_holds_no_parser_and_little_memory():
     assert per_connection < 200, per_connection
 
 
+@pytest.mark.unit
 def test_framer_frames_once_for_all_subscribers():
     from wsgi_hijack.bus import Message
     from wsgi_hijack.protocols.base import framed
@@ -483,6 +485,7 @@ def test_framer_frames_once_for_all_subscribers():
     assert not isinstance(event, BytesMessage)
 
 
+@pytest.mark.unit
 def test_message_queue_overflow_closes_with_1008():
     import gevent
 
@@ -539,6 +542,7 @@ def test_sse_latency_benchmark_small_run_writes_its_table(tmp_path):
     assert f"| p99 / write run | {result['p99_over_write_run']} (target <= 1.2: " in md
 
 
+@pytest.mark.unit
 @given(st.lists(st.one_of(
     st.binary(max_size=40),
     st.builds(lambda op, payload, fin, rsv: masked_frame(op, payload, fin, rsv),
