@@ -2,9 +2,10 @@
 
 No socket object, no greenlet, no watcher: an fd number, the protocol it
 speaks, bytes still waiting to be sent, the channels it listens to, and
-whether it is closing. With ``__slots__`` this is about
-80 bytes of Python heap, so memory per held connection is dominated by the
-reactor's dict entry and the kernel, not by Python objects.
+whether it is closing. With ``__slots__`` it is one small object, so memory
+per held connection is dominated by the reactor's dict entries and the
+kernel, not by Python objects (benchmarks/results/results.md: RSS per held
+connection).
 """
 
 from __future__ import annotations

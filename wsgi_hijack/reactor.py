@@ -88,14 +88,11 @@ _read = os.read
 
 
 # WSGI_HIJACK_SEND_THREADS=K (default 1) spreads each fan-out (a heartbeat
-# round, a message) over K OS threads (write() releases the GIL). Measured on
-# 2 cores with the load client on the same cores (benchmarks/results/,
-# hijack-threads), K=2 against one thread: over 10,000-19,900 connections
-# 0.54-0.89 x in 5 of 6 earlier runs (1.15 x in one); in the run of
-# results.md 0.96 x at 10,000, 0.79 x at 15,000 and 0.72 x at 19,900 (0.73 x
-# the C single-thread floor), at about the same CPU per heartbeat. Below
-# that it does not pay: 1.01-1.12 x at 2,500, 0.73-1.69 x at 5,000. So it
-# stays opt-in, and is used only for fan-outs of at least this many.
+# round, a message) over K OS threads (write() releases the GIL). It is
+# opt-in, and used only for fan-outs of at least this many connections:
+# below that it did not pay, above it it shortened the write run at about
+# the same CPU per heartbeat (benchmarks/results/results.md, rows
+# "hijack-threads"; benchmarks/results/threads/results.md).
 _THREADED_MIN = 10000
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
@@ -106,17 +103,17 @@ def _write_each_py(fds: list[int], data: bytes) -> list[tuple[int, int | None]]:
     """Write ``data`` once to each fd; return ``(fd, sent)`` for those that
     need the slow path (``sent`` None: the write raised).
 
-    The fallback for :mod:`wsgi_hijack._fanout` (the same loop in C, about
-    1 us less per connection on a real round), with the same results.
-    The loop runs in C: ``map(os.write, ...)`` drained by ``list.extend``,
-    so the Python cost per connection is one builtin call on an int from a
-    list, touching no object of the connection's. The bytecode loop it
-    replaced read each connection's protocol and buffer: 0.1 us more per
-    write with warm caches, 0.4-1.4 us more with cold ones, which a round
+    The fallback for :mod:`wsgi_hijack._fanout` (the same loop in C, which
+    is faster on a real round), with the same results. The loop runs in C:
+    ``map(os.write, ...)`` drained by ``list.extend``, so the Python cost
+    per connection is one builtin call on an int from a list, touching no
+    object of the connection's: a bytecode loop that read each connection's
+    protocol and buffer cost more, most of all with the cold caches a round
     has, the kernel's send path evicting them between two connections
-    (``benchmarks/fanout_loop.py``). A write that raises (would block, or the client is
-    gone) stops ``extend``; the fd it failed on has been consumed from the
-    shared iterator, so it is marked -1 and the loop goes on after it.
+    (``benchmarks/fanout_loop.py``; benchmarks/results/results.md). A write
+    that raises (would block, or the client is gone) stops ``extend``; the
+    fd it failed on has been consumed from the shared iterator, so it is
+    marked -1 and the loop goes on after it.
     Touches no reactor state, so it may run in any OS thread.
     """
     results: list[int] = []

@@ -22,12 +22,13 @@ Three kinds of object, so that an idle connection costs almost nothing:
 
 :class:`WebSocket` -- one per connection, the ``protocol`` the reactor holds
     ``__slots__`` only. While the connection is idle it holds no parser: the
-    wsproto ``Connection`` (about 1.7 KB measured with tracemalloc over
-    10,000 instances) is made when bytes arrive and dropped again as soon as
-    nothing is left half-parsed (no partial frame buffered, no fragmented
-    message in progress). An idle WebSocket is this object (about 180 bytes
-    with its float) plus the reactor's own :class:`~wsgi_hijack.connection.
-    Connection`.
+    wsproto ``Connection``, several times this object's size, is made when
+    bytes arrive and dropped again as soon as nothing is left half-parsed (no
+    partial frame buffered, no fragmented message in progress). An idle
+    WebSocket is this object plus the reactor's own
+    :class:`~wsgi_hijack.connection.Connection`
+    (``tests/test_websocket.py::test_idle_connection_holds_no_parser_and_little_memory``
+    measures both).
 
 Decisions:
 
