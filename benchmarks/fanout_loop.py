@@ -7,7 +7,7 @@ kernel's work per write is small, but real, as on a round, where it
 evicts the interpreter from the caches between two writes), with the
 reactor's loops -- the C extension's (:mod:`wsgi_hijack._fanout`, one
 ``send()`` each) and its Python fallback
-(:func:`wsgi_hijack.reactor._write_each_py`) -- and with the bytecode loop
+(:func:`wsgi_hijack.reactor.fanout.write_each_py`) -- and with the bytecode loop
 they replaced, which read each connection's protocol for its heartbeat:
 once with the connections in the order they were made, once shuffled, so
 that each object is a cache miss. Prints nanoseconds of CPU per write,
@@ -28,7 +28,7 @@ import time
 
 from wsgi_hijack.connection import Connection
 from wsgi_hijack.protocols.plain import PlainStream
-from wsgi_hijack.reactor import _write_each_c, _write_each_py
+from wsgi_hijack.reactor import fanout
 
 DATA = b"BEEP\n"
 
@@ -40,15 +40,15 @@ def bare(fds: list[int], conns: list[Connection]) -> None:
 
 
 def write_each_py(fds: list[int], conns: list[Connection]) -> None:
-    assert _write_each_py(fds, DATA) == []
+    assert fanout.write_each_py(fds, DATA) == []
 
 
 def write_each_c(fds: list[int], conns: list[Connection]) -> None:
-    assert _write_each_c(fds, DATA) == []
+    assert fanout.write_each_c(fds, DATA) == []
 
 
 def bytecode_loop(fds: list[int], conns: list[Connection]) -> None:
-    """The round as it was before _write_each (session 1)."""
+    """The round as a bytecode loop over the connections, the alternative to write_each."""
     write = os.write
     for conn in conns:
         beat = conn.protocol.heartbeat
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     shuffled = random.sample(conns, len(conns))
     try:
         loops = [("bare", bare, conns), ("write_each_py", write_each_py, conns)]
-        if _write_each_c is not None:
+        if fanout.write_each_c is not None:
             loops.append(("write_each_c", write_each_c, conns))
         loops += [("bytecode_loop", bytecode_loop, conns),
                   ("bytecode_loop, shuffled", bytecode_loop, shuffled)]

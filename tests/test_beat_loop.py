@@ -13,6 +13,7 @@ import pytest
 from wsgi_hijack import reactor as reactor_module
 from wsgi_hijack.protocols.plain import PlainStream
 from wsgi_hijack.protocols.sse import ServerSentEvents
+from wsgi_hijack.reactor import fanout
 
 from .test_wire import recv_exactly
 
@@ -34,13 +35,13 @@ def _fill(sock: socket.socket) -> None:
 def test_the_c_fan_out_loop_was_built_and_is_used():
     """scripts/test.sh installs gcc, so the extension must be there: a silent
     fallback to the Python loop would cost about 1 us per connection."""
-    assert reactor_module._write_each_c is not None
-    assert reactor_module._write_each is reactor_module._write_each_c
+    assert fanout.write_each_c is not None
+    assert fanout.write_each is fanout.write_each_c
 
 
 # Both loops, the C one and its Python fallback, must give the same answers.
-IMPLEMENTATIONS = [pytest.param(reactor_module._write_each_py, id="python"),
-                   pytest.param(reactor_module._write_each_c, id="c")]
+IMPLEMENTATIONS = [pytest.param(fanout.write_each_py, id="python"),
+                   pytest.param(fanout.write_each_c, id="c")]
 
 
 @pytest.mark.parametrize("write_each", IMPLEMENTATIONS)
@@ -245,7 +246,7 @@ def test_write_each_refuses_what_is_not_a_list_of_fds(write_each):
 
 def test_the_python_loop_runs_the_reactor_too(monkeypatch, reactor):
     """Where the extension could not be built: the reactor on the Python loop."""
-    monkeypatch.setattr(reactor_module, "_write_each", reactor_module._write_each_py)
+    monkeypatch.setattr(fanout, "write_each", fanout.write_each_py)
     ours, theirs = socket.socketpair()
     dead_ours, dead_theirs = socket.socketpair()
     try:
@@ -391,16 +392,16 @@ def test_a_failing_sender_thread_does_not_stall_the_round(monkeypatch):
     import threading
 
     monkeypatch.setenv("WSGI_HIJACK_SEND_THREADS", "2")
-    monkeypatch.setattr(reactor_module, "_THREADED_MIN", 1)
+    monkeypatch.setattr(fanout, "THREADED_MIN", 1)
     main = threading.get_ident()
-    real = reactor_module._write_each
+    real = fanout.write_each
 
     def fails_in_threads(fds, data):
         if threading.get_ident() != main:
             raise MemoryError("as from the C loop's allocation")
         return real(fds, data)
 
-    monkeypatch.setattr(reactor_module, "_write_each", fails_in_threads)
+    monkeypatch.setattr(fanout, "write_each", fails_in_threads)
     reactor = reactor_module.Reactor(heartbeat=3600).start()
     peers = []
     try:

@@ -78,7 +78,7 @@ def test_send_threads_deliver_every_beat_and_drop_the_closed(monkeypatch):
     from wsgi_hijack.protocols.plain import PlainStream
 
     monkeypatch.setenv("WSGI_HIJACK_SEND_THREADS", "3")
-    monkeypatch.setattr(reactor_module, "_THREADED_MIN", 1)
+    monkeypatch.setattr(reactor_module.fanout, "THREADED_MIN", 1)
     reactor = reactor_module.Reactor(heartbeat=3600).start()
     assert len(reactor._senders) == 2
     peers = []

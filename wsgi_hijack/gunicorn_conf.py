@@ -190,10 +190,10 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    from wsgi_hijack import reactor as reactor_module
+    from wsgi_hijack.reactor import current_reactor
 
-    reactor = reactor_module._reactor
-    if reactor is not None and reactor.pid == os.getpid():
+    reactor = current_reactor()  # this process's, if it runs
+    if reactor is not None:
         reactor.close(goodbye=True)
 
 

@@ -1,6 +1,7 @@
 """The reactor: one per worker process, holding every hijacked connection.
 
-The life of a held connection, all in this file:
+The life of a held connection, all in this module (the fan-out loop and
+its threads are in :mod:`.fanout`, the process's reactor in :mod:`.process`):
 
 1. **handed over** -- :meth:`Reactor.hold`, from any greenlet or OS thread,
    detaches the socket's fd, wraps it in a :class:`Connection` and appends it
@@ -48,19 +49,18 @@ import signal
 import threading
 import time
 from collections import deque
-from itertools import repeat
 from typing import Any
 
 import gevent
 import gevent.event
-import greenlet
 from gevent import monkey
-from gevent._hub_local import get_hub_if_exists
 
-from . import config, metrics
-from .admission import Admission, Refusal
-from .connection import Connection
-from .protocols.base import ConnectionDone, Protocol, ProtocolError, framed
+from .. import config, metrics
+from ..admission import Admission, Refusal
+from ..connection import Connection
+from ..protocols.base import ConnectionDone, Protocol, ProtocolError, framed
+from . import fanout
+from .entry import HubEntry
 
 log = logging.getLogger("wsgi_hijack.reactor")
 
@@ -80,110 +80,9 @@ _READ_SIZE = 65536
 BUS_LIVE = "live"
 BUS_RESYNC = "resync"
 
-# The real thread id even under monkeypatching (where threading's is per greenlet).
-_thread_ident = monkey.get_original("_thread", "get_ident")
 _METRICS_EVERY = 1.0  # seconds between syncs of the counters into prometheus metrics
 _write = os.write
 _read = os.read
-
-
-# WSGI_HIJACK_SEND_THREADS=K (default 1) spreads each fan-out (a heartbeat
-# round, a message) over K OS threads (write() releases the GIL). It is
-# opt-in, and used only for fan-outs of at least this many connections:
-# below that it did not pay, above it it shortened the write run at about
-# the same CPU per heartbeat (benchmarks/results/results.md, rows
-# "hijack-threads"; benchmarks/results/threads/results.md).
-_THREADED_MIN = 10000
-_start_thread = monkey.get_original("_thread", "start_new_thread")
-_allocate_lock = monkey.get_original("_thread", "allocate_lock")
-_native_thread_id = monkey.get_original("_thread", "get_native_id")
-
-
-def _write_each_py(fds: list[int], data: bytes) -> list[tuple[int, int | None]]:
-    """Write ``data`` once to each fd; return ``(fd, sent)`` for those that
-    need the slow path (``sent`` None: the write raised).
-
-    The fallback for :mod:`wsgi_hijack._fanout` (the same loop in C, which
-    is faster on a real round), with the same results. The loop runs in C:
-    ``map(os.write, ...)`` drained by ``list.extend``, so the Python cost
-    per connection is one builtin call on an int from a list, touching no
-    object of the connection's: a bytecode loop that read each connection's
-    protocol and buffer cost more, most of all with the cold caches a round
-    has, the kernel's send path evicting them between two connections
-    (``benchmarks/fanout_loop.py``; benchmarks/results/results.md). A write
-    that raises (would block, or the client is gone) stops ``extend``; the
-    fd it failed on has been consumed from the shared iterator, so it is
-    marked -1 and the loop goes on after it.
-    Touches no reactor state, so it may run in any OS thread.
-    """
-    results: list[int] = []
-    remaining = iter(fds)
-    same = repeat(data)
-    while True:
-        try:
-            results.extend(map(_write, remaining, same))
-            break
-        except OSError:  # would block: buffered; an error: dropped (by _write)
-            results.append(-1)
-    size = len(data)
-    if results.count(size) == len(results):  # the common case: all taken whole
-        return []
-    return [(fd, None if sent < 0 else sent)
-            for fd, sent in zip(fds, results, strict=True) if sent != size]
-
-
-try:  # the same loop in C, built with the package where a compiler is found
-    from ._fanout import write_each as _write_each_c
-except ImportError:  # pragma: no cover - an install without the C extension
-    _write_each_c = None
-
-#: The fan-out loop in use: C (wsgi_hijack/_fanout.c) if it was built, else Python.
-_write_each = _write_each_c or _write_each_py
-
-
-class _Sender:
-    """A real OS thread (not a greenlet, even when monkeypatched) that writes
-    one part of a fan-out."""
-
-    def __init__(self) -> None:
-        self._go = _allocate_lock()
-        self._go.acquire()
-        self._done = _allocate_lock()
-        self._done.acquire()
-        self._work: tuple[list[int], bytes | None] = ([], b"")
-        self._trouble: list = []
-        # The kernel's id of the thread (shown in /proc/self/task), so that
-        # tools and tests can follow this thread and no other.
-        self.native_id: int | None = None
-        _start_thread(self._loop, ())
-
-    def _loop(self) -> None:
-        self.native_id = _native_thread_id()
-        while True:
-            self._go.acquire()
-            fds, data = self._work
-            if data is None:  # stop()
-                return
-            try:
-                self._trouble = _write_each(fds, data)
-            except BaseException:  # never leave the reactor waiting in join()
-                log.exception("sender thread failed; its part goes the slow way")
-                self._trouble = [(fd, None) for fd in fds]
-            finally:
-                self._done.release()
-
-    def start(self, fds: list[int], data: bytes) -> None:
-        self._work = (fds, data)
-        self._go.release()
-
-    def stop(self) -> None:
-        self._work = ([], None)
-        self._go.release()
-
-    def join(self) -> list:
-        self._done.acquire()
-        self._work = ([], b"")
-        return self._trouble
 
 
 class Reactor:
@@ -197,7 +96,7 @@ class Reactor:
         if self.heartbeat_interval <= 0 or self.max_buffer <= 0:
             raise ValueError("heartbeat and max_buffer must be positive")
         self.pid = os.getpid()
-        self._senders = [_Sender() for _ in range(config.send_threads() - 1)]
+        self._senders = [fanout.Sender() for _ in range(config.send_threads() - 1)]
         self._conns: dict[int, Connection] = {}
         # heartbeat bytes -> the connections that take it (fd -> Connection):
         # a round writes each group with one C-speed loop over its fds, never
@@ -274,7 +173,7 @@ class Reactor:
             return self
         _ignore_sigpipe()
         if self.bus is None:
-            from .bus import get_bus
+            from ..bus import get_bus
 
             self.bus = get_bus()
         # Anything published before now had no subscriber here, but stays
@@ -287,8 +186,8 @@ class Reactor:
         start_bus = getattr(self.bus, "start", None)
         if start_bus is not None:
             start_bus(self)
-        hub = self._hub = gevent.get_hub()
-        self._hub_thread = _thread_ident()
+        hub = gevent.get_hub()
+        self._entry = HubEntry(hub)
         self._epoll = _epoll()
         self._wake = gevent.event.Event()
         self._io_watcher = hub.loop.io(self._epoll.fileno(), 1)
@@ -313,17 +212,8 @@ class Reactor:
         """
         if not self._running:
             return
-        if _thread_ident() != self._hub_thread:
-            done = monkey.get_original("threading", "Event")()
-
-            def close_here() -> None:
-                try:
-                    self.close(goodbye)
-                finally:
-                    done.set()
-
-            self._hub.loop.run_callback_threadsafe(close_here)
-            done.wait(timeout)
+        if not self._entry.in_hub():
+            self._entry.call_and_wait(lambda: self.close(goodbye), timeout, None)
             return
         self._running = False
         self._adopt()
@@ -393,6 +283,10 @@ class Reactor:
         self._async.send()  # wakes the hub, from this thread or any other
         return conn
 
+    def call_soon_threadsafe(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` in the reactor's thread soon; from any thread."""
+        self._entry.call_soon_threadsafe(fn, *args)
+
     def __len__(self) -> int:
         return len(self._conns)
 
@@ -409,18 +303,8 @@ class Reactor:
         """Close every held connection now, with no goodbye, as a network failure
         would; the reactor goes on, and clients reconnect (SSE with its
         Last-Event-ID). For tests and operators; any thread. Returns how many."""
-        if _thread_ident() != self._hub_thread:
-            done, dropped = monkey.get_original("threading", "Event")(), []
-
-            def drop_here() -> None:
-                try:
-                    dropped.append(self.drop_all())
-                finally:
-                    done.set()
-
-            self._hub.loop.run_callback_threadsafe(drop_here)
-            done.wait(5.0)
-            return dropped[0] if dropped else 0
+        if not self._entry.in_hub():
+            return self._entry.call_and_wait(self.drop_all, 5.0, 0)
         self._adopt()
         conns = list(self._conns.values())
         for conn in conns:
@@ -870,7 +754,7 @@ class Reactor:
         """Write the same ``data`` to every connection in ``group`` (fd -> conn).
 
         The hot loop of heartbeats and messages: one write() per connection,
-        run in C by _write_each. The kernel's send path is most of the cost
+        run in C by fanout.write_each. The kernel's send path is most of the cost
         on loopback, so the Python around it is one list copy and one
         builtin call per fd. Anything unusual (bytes already waiting, a full
         send buffer, an error, a partial write) goes to _write, which
@@ -884,7 +768,7 @@ class Reactor:
             waiting = []
             fds = list(group)
         senders = self._senders
-        if senders and len(fds) >= _THREADED_MIN:
+        if senders and len(fds) >= fanout.THREADED_MIN:
             # WSGI_HIJACK_SEND_THREADS=K: spread the writes over K OS threads;
             # write() releases the GIL. The helpers only write; what
             # they could not, the reactor's thread handles after the join.
@@ -892,11 +776,11 @@ class Reactor:
             step = -(-len(fds) // k)
             for i, sender in enumerate(senders, 1):
                 sender.start(fds[i * step:(i + 1) * step], data)
-            trouble = _write_each(fds[:step], data)
+            trouble = fanout.write_each(fds[:step], data)
             for sender in senders:
                 trouble += sender.join()
         else:
-            trouble = _write_each(fds, data)
+            trouble = fanout.write_each(fds, data)
         slow = self._write
         for fd, sent in trouble:
             conn = group.get(fd)
@@ -1001,84 +885,3 @@ def _ignore_sigpipe() -> None:
     if threading.current_thread() is threading.main_thread():
         if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-
-
-_reactor: Reactor | None = None
-# A real lock even under monkeypatching: OS threads may race to start it.
-_reactor_lock = monkey.get_original("threading", "Lock")()
-
-
-def get_reactor(own_thread: bool | None = None) -> Reactor:
-    """This process's reactor, started on first use.
-
-    Where it runs: in the calling thread's gevent hub when the caller is part
-    of a gevent server (a request greenlet, or gunicorn's gevent worker in
-    ``post_worker_init``); otherwise -- servers whose handlers are OS threads,
-    like gunicorn's sync and gthread workers, Werkzeug or wsgiref -- in a
-    gevent hub of its own, in a daemon thread, so that nothing in the app needs
-    monkeypatching. ``own_thread`` forces the choice.
-
-    A reactor inherited across ``fork`` is abandoned and a new one started:
-    the reactor always starts after the fork, never before.
-    """
-    global _reactor
-    reactor = _reactor
-    if reactor is not None and reactor.pid == os.getpid() and reactor.running:
-        return reactor
-    with _reactor_lock:
-        if _reactor is not None and _reactor.pid != os.getpid():
-            _abandon(_reactor)
-            _reactor = None
-        if _reactor is None or not _reactor.running:
-            if own_thread is None:
-                own_thread = not _in_gevent_server()
-            _reactor = _start_in_own_thread() if own_thread else Reactor().start()
-        return _reactor
-
-
-def _in_gevent_server() -> bool:
-    hub = get_hub_if_exists()
-    if hub is None:
-        return False
-    return monkey.is_module_patched("socket") or greenlet.getcurrent().parent is hub
-
-
-def _start_in_own_thread() -> Reactor:
-    started = monkey.get_original("threading", "Event")()
-    box: list[Any] = []
-
-    def run() -> None:
-        try:
-            reactor = Reactor().start()
-        except BaseException as exc:
-            box.append(exc)
-            started.set()
-            raise
-        box.append(reactor)
-        started.set()
-        reactor._greenlet.join()  # runs this thread's hub for as long as it lives
-
-    thread_class = monkey.get_original("threading", "Thread")
-    thread_class(target=run, name="wsgi_hijack-reactor", daemon=True).start()
-    started.wait()
-    if isinstance(box[0], BaseException):
-        raise RuntimeError("the reactor thread failed to start") from box[0]
-    log.debug("reactor runs in its own thread")
-    return box[0]
-
-
-def current_reactor() -> Reactor | None:
-    """This process's running reactor, or None; from any thread, never starts one."""
-    reactor = _reactor
-    if reactor is not None and reactor.pid == os.getpid() and reactor.running:
-        return reactor
-    return None
-
-
-def _abandon(reactor: Reactor) -> None:
-    # The parent's connections are the parent's: close only our copy of its epoll fd.
-    try:
-        if reactor._epoll is not None:
-            reactor._epoll.close()
-    except OSError:
-        pass
