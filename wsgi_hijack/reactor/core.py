@@ -23,7 +23,8 @@ its threads are in :mod:`.fanout`, the process's reactor in :mod:`.process`):
    :meth:`Reactor._fan_out`: one loop in C over their fds, and ``_write``
    only for those that have bytes waiting or whose write fell short. A
    one-shot protocol (long-poll) is complete after one delivery, or when its
-   deadline passes (:meth:`Reactor._expire`), and then closes.
+   deadline passes (:meth:`Reactor._deadline`, one of the loop's timers,
+   :mod:`.timers`), and then closes.
 4. **drained** -- :meth:`Reactor._flush` runs when the fd is writable and
    disarms ``EPOLLOUT`` once ``outbuf`` is empty.
 5. **dropped** -- :meth:`Reactor._drop`: the client closed (EOF, reset, hangup,
@@ -40,8 +41,6 @@ on a client fd is non-blocking, and errors are caught per connection.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import os
 import select as _select_module
@@ -61,6 +60,7 @@ from ..connection import Connection
 from ..protocols.base import ConnectionDone, Protocol, ProtocolError, framed
 from . import fanout
 from .entry import HubEntry
+from .timers import Timers
 
 log = logging.getLogger("wsgi_hijack.reactor")
 
@@ -114,8 +114,9 @@ class Reactor:
         self._subscribers: dict[str, dict[tuple[Protocol, bool], dict[int, Connection]]] = {}
         # connections whose protocol checks the peer is alive each round
         self._watched: set[Connection] = set()
-        self._deadlines: list[tuple[float, int, Connection]] = []
-        self._deadline_seq = itertools.count()
+        # Heartbeat rounds, the metrics sync and long-poll deadlines.
+        self._timers = Timers()
+        self._on_deadline = self._deadline  # one bound method for every entry
         # channel -> subscription confirmations still awaited from the bus (0: live)
         self._bus_channels: dict[str, int] = {}
         # confirmations still to come for subscriptions already released
@@ -342,42 +343,49 @@ class Reactor:
     # -- the loop ----------------------------------------------------------------
 
     def _run(self) -> None:
-        next_beat = time.monotonic() + self.heartbeat_interval
-        next_sync = time.monotonic() + _METRICS_EVERY
+        now = time.monotonic()
+        self._timers.at(now + self.heartbeat_interval, self._beat, now + self.heartbeat_interval)
+        if self._metrics is not None:
+            self._timers.at(now + _METRICS_EVERY, self._sync)
         while self._running:
-            wake_at = next_beat
-            if self._metrics is not None and next_sync < wake_at:
-                wake_at = next_sync
-            if self._deadlines and self._deadlines[0][0] < wake_at:
-                wake_at = self._deadlines[0][0]
-            self._wake.wait(max(0.0, wake_at - time.monotonic()))
+            wake_at = self._timers.next_at()
+            self._wake.wait(None if wake_at is None else max(0.0, wake_at - time.monotonic()))
             self._wake.clear()
             if not self._running:
                 break
             self._guarded(self._adopt)
             self._guarded(self._deliver)
             self._guarded(self._poll)
-            self._guarded(self._expire)
+            for callback, argument in self._timers.due(time.monotonic()):
+                self._guarded(callback, argument)
+
+    def _beat(self, scheduled: float) -> None:
+        """A heartbeat round, then the next: drift-free, but never catching up
+        on rounds missed (a loaded machine gets fewer rounds, not a burst)."""
+        try:
+            self.heartbeat_round()
+        finally:
             now = time.monotonic()
-            if now >= next_beat:
-                self._guarded(self.heartbeat_round)
-                # Drift-free, but never try to catch up on missed rounds.
-                next_beat = max(next_beat + self.heartbeat_interval, now)
-            if self._metrics is not None and now >= next_sync:
-                self._guarded(self._sync_metrics)
-                next_sync = now + _METRICS_EVERY
+            following = max(scheduled + self.heartbeat_interval, now)
+            self._timers.at(following, self._beat, following)
+
+    def _sync(self, _: Any) -> None:
+        try:
+            self._sync_metrics()
+        finally:
+            self._timers.at(time.monotonic() + _METRICS_EVERY, self._sync)
 
     def _sync_metrics(self) -> None:
         runs, self._write_runs = self._write_runs, []
         self._metrics.sync(self.stats, self.held_by_protocol, runs)
 
-    def _guarded(self, step: Any) -> None:
+    def _guarded(self, step: Any, *args: Any) -> None:
         if not self._running:  # closed by a step that yielded to the hub (_poll)
             return
         try:
-            step()
+            step(*args)
         except Exception:  # nothing may kill the reactor; one bad step is logged
-            log.exception("reactor step %s failed", step.__name__)
+            log.exception("reactor step %s failed", getattr(step, "__name__", step))
 
     # -- 2. stored ---------------------------------------------------------------
 
@@ -420,8 +428,7 @@ class Reactor:
 
     def _subscribe(self, conn: Connection, last_id: int | None, timeout: float | None) -> None:
         if timeout is not None:
-            heapq.heappush(self._deadlines,
-                           (time.monotonic() + timeout, next(self._deadline_seq), conn))
+            self._timers.at(time.monotonic() + timeout, self._on_deadline, conn)
         # A channel this worker does not listen to yet is subscribed at the bus
         # first; a cross-process bus confirms later (BUS_LIVE), and until then
         # the connection waits, taking no messages.
@@ -653,14 +660,11 @@ class Reactor:
         if conn.fd >= 0 and not conn.outbuf:
             self._drop(conn, "completed")
 
-    def _expire(self) -> None:
-        deadlines = self._deadlines
-        now = time.monotonic()
-        while deadlines and deadlines[0][0] <= now:
-            conn = heapq.heappop(deadlines)[2]
-            if conn.fd >= 0 and not conn.closing:
-                self._write(conn, conn.protocol.timeout(self.delivered_upto))
-                self._finish(conn)
+    def _deadline(self, conn: Connection) -> None:
+        """A one-shot's deadline: its timeout answer, unless it was answered."""
+        if conn.fd >= 0 and not conn.closing:
+            self._write(conn, conn.protocol.timeout(self.delivered_upto))
+            self._finish(conn)
 
     # -- reading, and noticing that the client left -------------------------------
 
