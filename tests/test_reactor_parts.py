@@ -1,4 +1,4 @@
-"""The reactor's one timer heap, in-process."""
+"""Parts of the reactor, in-process: its one timer heap, a connection's states."""
 
 from __future__ import annotations
 
@@ -26,3 +26,16 @@ def test_callbacks_are_never_compared():
     timers.at(1.0, lambda _: None, object())
     timers.at(1.0, lambda _: None, object())  # same time, incomparable arguments
     assert len(timers.due(1.0)) == 2 and timers.next_at() is None
+
+
+def test_a_connection_goes_forward_through_its_states():
+    from wsgi_hijack.connection import Connection, State
+    from wsgi_hijack.protocols.plain import PlainStream
+
+    conn = Connection(-1, PlainStream(b"x\n"))
+    assert conn.state is State.HANDED_OVER and not conn.closing and not conn.closed
+    conn.state = State.CLOSING
+    assert conn.closing and not conn.closed
+    conn.state = State.CLOSED
+    assert conn.closed and not conn.closing and "closed" in repr(conn)
+    assert list(State) == sorted(State)  # the order is the life's order

@@ -10,11 +10,31 @@ connection).
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from .protocols.base import Protocol
 
 
+class State(IntEnum):
+    """Where a held connection is in its life (:mod:`wsgi_hijack.reactor.core`).
+
+    Each step goes forward only. A drop (:meth:`Reactor._drop`) is the one
+    transition to ``CLOSED``, from any state: its fd is closed and it leaves
+    every structure of the reactor at once.
+    """
+
+    #: In the reactor's inbox: handed over from some thread, not yet stored.
+    HANDED_OVER = 0
+    #: Stored: written to each heartbeat and message, read for the client's input.
+    HELD = 1
+    #: Its response is complete (or its goodbye written): closed once flushed.
+    CLOSING = 2
+    #: Dropped: its fd is closed, and no structure of the reactor holds it.
+    CLOSED = 3
+
+
 class Connection:
-    __slots__ = ("fd", "protocol", "outbuf", "channels", "closing", "ip", "beat",
+    __slots__ = ("fd", "protocol", "outbuf", "channels", "state", "ip", "beat",
                  "__weakref__")
 
     def __init__(self, fd: int, protocol: Protocol) -> None:
@@ -25,17 +45,21 @@ class Connection:
         self.outbuf = b""
         #: Channels it is subscribed to (set by the reactor when stored).
         self.channels: tuple[str, ...] = ()
-        #: Its response is complete: close it once outbuf is flushed.
-        self.closing = False
+        self.state = State.HANDED_OVER
         #: The client address, kept only when a per-address cap is set.
         self.ip: str | None = None
         #: Its heartbeat as read when it was stored (None: none, or stopped).
         self.beat: bytes | None = None
 
     @property
+    def closing(self) -> bool:
+        """Its response is complete: it is closed once outbuf is flushed."""
+        return self.state is State.CLOSING
+
+    @property
     def closed(self) -> bool:
-        return self.fd < 0
+        return self.state is State.CLOSED
 
     def __repr__(self) -> str:
-        state = "closed" if self.fd < 0 else f"fd={self.fd}"
-        return f"<Connection {state} {self.protocol.name} outbuf={len(self.outbuf)}>"
+        where = self.state.name.lower() + ("" if self.fd < 0 else f" fd={self.fd}")
+        return f"<Connection {where} {self.protocol.name} outbuf={len(self.outbuf)}>"

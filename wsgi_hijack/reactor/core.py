@@ -56,7 +56,7 @@ from gevent import monkey
 
 from .. import config, metrics
 from ..admission import Admission, Refusal
-from ..connection import Connection
+from ..connection import Connection, State
 from ..protocols.base import ConnectionDone, Protocol, ProtocolError, framed
 from . import fanout
 from .entry import HubEntry
@@ -403,6 +403,7 @@ class Reactor:
                 self._released()
                 continue
             self._conns[conn.fd] = conn
+            conn.state = State.HELD
             # The heartbeat is read once, here; the key is kept on the
             # connection, so a protocol whose attribute changes later cannot
             # leave its fd behind in a group.
@@ -654,7 +655,8 @@ class Reactor:
     def _finish(self, conn: Connection) -> None:
         """The response is complete: stop its messages and heartbeats (nothing
         may follow a goodbye), close once flushed."""
-        conn.closing = True
+        if conn.state < State.CLOSING:  # forward only: a dropped one stays closed
+            conn.state = State.CLOSING
         self._unsubscribe(conn)
         self._stop_beats(conn)
         if conn.fd >= 0 and not conn.outbuf:
@@ -876,6 +878,7 @@ def _group_key(protocol: Protocol) -> tuple[Protocol, bool]:
 
 def _close_fd(conn: Connection) -> None:
     fd, conn.fd, conn.outbuf = conn.fd, -1, b""
+    conn.state = State.CLOSED
     try:
         os.close(fd)
     except OSError:
