@@ -65,7 +65,8 @@ MAX_HEAD = 64 * 1024
 #: full budget is looked at again.
 _RETRY_ACCEPT = 0.05
 _WARN_EVERY = 60.0
-_ACCEPT_ERRNOS_PAUSE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: accept() errors that mean "no fd or memory just now": pause, do not fail.
+PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def head_state(data: bytes, limit: int = MAX_HEAD) -> str:
@@ -87,11 +88,31 @@ def answer(status: str, reason: str) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
-_TIMEOUT = answer("408 Request Timeout", "the request head did not arrive in time")
+#: The answer to a connection whose head passed its deadline.
+TIMEOUT_RESPONSE = answer("408 Request Timeout", "the request head did not arrive in time")
 _TOO_LARGE = answer("431 Request Header Fields Too Large",
                     f"the request head is larger than {MAX_HEAD} bytes")
 _HALF_CLOSED = answer("400 Bad Request", "the client closed its side before the request "
                       "head was complete")
+_RESTARTING = answer("503 Service Unavailable", "the server is restarting; retry")
+
+
+class PauseWarning:
+    """Says that accepting paused (``EMFILE`` and the like) once a minute at most:
+    the fd budget should have prevented it, and the fix is a larger reserve."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = -_WARN_EVERY
+
+    def __call__(self, exc: OSError, logger: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= _WARN_EVERY:
+            self._last = now
+            logger.warning("wsgi_hijack: accepting paused: %s; the fd budget did not cover "
+                           "this worker's other files: raise WSGI_HIJACK_FD_RESERVE",
+                           exc.strerror)
 
 
 class Lobby:
@@ -131,7 +152,7 @@ class Lobby:
         self._ready: deque[tuple[int, int]] = deque()  # (fd, listener index)
         self._accepting = False
         self._running = False
-        self._last_warning = -_WARN_EVERY
+        self._warn_paused = PauseWarning()
         self.stats = {"accepted": 0, "handed_over": 0, "timed_out": 0, "too_large": 0,
                       "half_closed": 0, "gone": 0, "accept_paused": 0}
 
@@ -253,7 +274,7 @@ class Lobby:
             except OSError as exc:
                 if exc.errno == errno.ECONNABORTED:
                     continue
-                if exc.errno in _ACCEPT_ERRNOS_PAUSE:
+                if exc.errno in PAUSE_ERRNOS:
                     self._pause(exc)
                     return 0
                 raise
@@ -269,11 +290,7 @@ class Lobby:
     def _pause(self, exc: OSError) -> None:
         self._set_accepting(False)
         self.stats["accept_paused"] += 1
-        now = time.monotonic()
-        if now - self._last_warning >= _WARN_EVERY:
-            self._last_warning = now
-            log.warning("accepting paused: %s; the fd budget did not cover this worker's "
-                        "other files: raise WSGI_HIJACK_FD_RESERVE", exc.strerror)
+        self._warn_paused(exc, log)
 
     def _poll(self) -> None:
         if not self._parked:
@@ -328,7 +345,7 @@ class Lobby:
                 entry = self._parked.get(fd)
                 if entry is not None and entry[0] == deadline:
                     self.stats["timed_out"] += 1
-                    self._close(fd, _TIMEOUT)
+                    self._close(fd, TIMEOUT_RESPONSE)
 
     # -- leaving the lobby -------------------------------------------------------
 
@@ -360,8 +377,7 @@ class Lobby:
 
     def _refuse_at_stop(self, fd: int) -> None:
         sent = _peek(fd)
-        self._close(fd, answer("503 Service Unavailable", "the server is restarting; retry")
-                    if sent else b"")
+        self._close(fd, _RESTARTING if sent else b"")
 
 
 def _peek(fd: int) -> bytes | None:

@@ -22,7 +22,6 @@ without a thread or a greenlet.
 
 from __future__ import annotations
 
-import errno
 import time
 from typing import Any
 
@@ -30,20 +29,17 @@ from gunicorn.workers import gthread
 
 from .. import config
 from ..admission import FdBudget
-from ..lobby import answer
+from ..lobby import PAUSE_ERRNOS, TIMEOUT_RESPONSE, PauseWarning
 from ..reactor import current_reactor, get_reactor
 from . import checks
 
-_TIMEOUT = answer("408 Request Timeout", "the request head did not arrive in time")
-_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_WARN_EVERY = 60.0
 #: fds a request thread may hold besides its connection (see _in_threads).
 PER_THREAD = 6
 
 
 class ThreadWorker(gthread.ThreadWorker):
     budget: FdBudget | None = None
-    _last_warning = -_WARN_EVERY
+    _warn_paused = PauseWarning()
 
     def run(self) -> None:
         self.head_timeout = config.head_timeout()
@@ -87,15 +83,10 @@ class ThreadWorker(gthread.ThreadWorker):
         try:
             super().accept(listener)
         except OSError as exc:
-            if exc.errno not in _PAUSE_ERRNOS:
+            if exc.errno not in PAUSE_ERRNOS:
                 raise
             self.set_accept_enabled(False)
-            now = time.monotonic()
-            if now - self._last_warning >= _WARN_EVERY:
-                self._last_warning = now
-                self.log.warning("wsgi_hijack: accepting paused: %s; the fd budget did not "
-                                 "cover this worker's other files: raise "
-                                 "WSGI_HIJACK_FD_RESERVE", exc.strerror)
+            self._warn_paused(exc, self.log)
 
     def enqueue_req(self, conn: Any) -> None:
         if not hasattr(conn, "accepted_at"):
@@ -121,7 +112,7 @@ class ThreadWorker(gthread.ThreadWorker):
                 pass
             self.nr_conns -= 1
             try:
-                conn.sock.send(_TIMEOUT)
+                conn.sock.send(TIMEOUT_RESPONSE)
             except OSError:
                 pass
             conn.close()
