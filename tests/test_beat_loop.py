@@ -132,7 +132,7 @@ def test_each_protocol_gets_its_own_heartbeat_and_groups_empty_out(reactor):
         reactor.hold(plain_ours, PlainStream(BEAT))
         reactor.hold(sse_ours, ServerSentEvents())
         gevent.sleep(0.05)
-        assert len(reactor._beating) == 2
+        assert len(reactor._heartbeats.groups) == 2
         reactor.heartbeat_round()
         assert _read_exactly(plain_theirs, len(BEAT)) == BEAT
         ping = ServerSentEvents.heartbeat
@@ -141,7 +141,7 @@ def test_each_protocol_gets_its_own_heartbeat_and_groups_empty_out(reactor):
         sse_theirs.close()
         reactor.heartbeat_round()  # EPIPE on both: dropped through the slow path
         gevent.sleep(0.05)
-        assert len(reactor) == 0 and reactor._beating == {} and reactor._armed == set()
+        assert len(reactor) == 0 and reactor._heartbeats.groups == {} and reactor._armed == set()
         assert reactor.stats["dropped_closed"] == 2
     finally:
         plain_theirs.close()
@@ -296,7 +296,7 @@ def test_a_heartbeat_that_changes_is_read_once_and_its_drop_is_clean(reactor):
         gevent.sleep(0.05)
         reactor.heartbeat_round()
         assert _read_exactly(theirs, 3 * len(BEAT)) == BEAT * 3
-        assert len(reactor) == 1 and list(reactor._beating) == [BEAT]
+        assert len(reactor) == 1 and list(reactor._heartbeats.groups) == [BEAT]
     finally:
         theirs.close()
 
@@ -371,7 +371,7 @@ def test_nothing_follows_a_goodbye_that_is_still_waiting(reactor):
         gevent.sleep(0.05)
         backlog = b"".join(b"%06d\n" % i for i in range(5000))
         reactor.write(conn, backlog)
-        reactor._last_words(conn, CHUNKED.goodbye)  # as on a ConnectionDone
+        reactor.close_connection(conn, CHUNKED.goodbye)  # as on a ConnectionDone
         assert conn.closing and conn.outbuf
         reactor.heartbeat_round()
         reactor.dispatch(Message(1, "c", "late", None, time.time()))

@@ -435,7 +435,7 @@ def test_slow_reader_is_dropped_like_other_protocols(start_server):
 
 @pytest.mark.unit
 def test_idle_connection_holds_no_parser_and_little_memory():
-    from wsgi_hijack.protocols.websocket import Endpoint, WebSocket
+    from wsgi_hijack.websocket import Endpoint, WebSocket
 
     endpoint = Endpoint(on_message=None, max_message=1000, pong_timeout=30)
     ws = WebSocket(endpoint)
@@ -472,7 +472,8 @@ def test_idle_connection_holds_no_parser_and_little_memory():
 def test_framer_frames_once_for_all_subscribers():
     from wsgi_hijack.bus import Message
     from wsgi_hijack.protocols.base import framed
-    from wsgi_hijack.protocols.websocket import Endpoint, WebSocket
+    from wsgi_hijack.protocols.websocket import Endpoint
+    from wsgi_hijack.protocols.websocket import WebSocketProtocol as WebSocket
 
     endpoint = Endpoint()
     message = Message(7, "c", "dätä", None, 0.0)
@@ -490,7 +491,7 @@ def test_message_queue_overflow_closes_with_1008():
     import gevent
 
     from wsgi_hijack.protocols.base import ProtocolError
-    from wsgi_hijack.protocols.websocket import Endpoint, WebSocket
+    from wsgi_hijack.websocket import Endpoint, WebSocket
 
     got = []
     ws = WebSocket(Endpoint(on_message=lambda w, m: got.append(m), max_queue=3))
@@ -554,7 +555,8 @@ def test_any_input_ends_in_bytes_or_a_clean_refusal(chunks, cut):
     """Whatever arrives, split anywhere: replies, or ProtocolError / ConnectionDone with
     a close frame; never another exception (which would reach the reactor)."""
     from wsgi_hijack.protocols.base import ConnectionDone, ProtocolError
-    from wsgi_hijack.protocols.websocket import Endpoint, WebSocket
+    from wsgi_hijack.protocols.websocket import Endpoint
+    from wsgi_hijack.protocols.websocket import WebSocketProtocol as WebSocket
 
     ws = WebSocket(Endpoint(on_message=None, max_message=500, pong_timeout=30))
     data = b"".join(chunks)

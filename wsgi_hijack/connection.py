@@ -11,8 +11,10 @@ connection).
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-from .protocols.base import Protocol
+if TYPE_CHECKING:
+    from .protocols.base import Protocol
 
 
 class State(IntEnum):

@@ -13,7 +13,7 @@ How it uses Redis (redis-py, with hiredis when installed):
   it) and subscribes to a channel while it has local subscribers; the reactor
   fans each message out locally. The reactor holds a connection back until
   Redis confirms its channel's subscription, then replays from the stream, so
-  nothing published meanwhile is lost (see ``reactor._subscribe``).
+  nothing published meanwhile is lost (see :mod:`wsgi_hijack.reactor.routing`).
 - **replay**: ``XRANGE`` on the channels' streams, after the client's id. A
   stream is capped by count (``MAXLEN``); messages older than the history age
   are treated as gone. The publish script records the newest id it trimmed
@@ -37,7 +37,18 @@ import gevent
 from gevent import monkey
 
 from . import config
-from .bus import BusUnavailable, Message, Replay, check_channel, check_data, check_event
+from .bus.base import (
+    BusUnavailable,
+    Counters,
+    Dispatch,
+    Live,
+    Message,
+    Replay,
+    Resync,
+    check_channel,
+    check_data,
+    check_event,
+)
 
 log = logging.getLogger("wsgi_hijack.bus")
 
@@ -83,7 +94,8 @@ class RedisBus:
         self._wanted: set[str] = set()
         self._pubsub: Any = None
         self._listener: gevent.Greenlet | None = None
-        self._reactor: Any = None
+        self._dispatch: Dispatch | None = None
+        self._counters = Counters()
 
     def _key(self, kind: str, channel: str = "") -> str:
         return f"{self.prefix}{kind}{channel}"
@@ -94,9 +106,6 @@ class RedisBus:
         check_channel(channel)
         event = check_event(event)
         data = check_data(data, self.max_message)
-        from .reactor import current_reactor
-
-        reactor = current_reactor()
         try:
             message_id = int(self._publish_script(
                 keys=[self._key("id"), self._key("s:", channel), self._key("c:", channel),
@@ -104,12 +113,10 @@ class RedisBus:
                 args=[data.encode("utf-8"), (event or "").encode(), repr(time.time()),
                       self.history_size]))
         except (RedisError, OSError) as exc:
-            if reactor is not None:
-                reactor.stats["bus_errors"] += 1
+            self._counters.add("bus_errors")
             raise BusUnavailable(f"cannot publish to {channel!r}: Redis at {self.url} "
                                  f"is unavailable ({exc})") from exc
-        if reactor is not None:
-            reactor.stats["published"] += 1
+        self._counters.add("published")
         return message_id
 
     def last_id(self) -> int:
@@ -154,9 +161,15 @@ class RedisBus:
 
     # -- the worker's subscription -------------------------------------------------
 
-    def start(self, reactor: Any) -> None:
-        """Start listening for the reactor (called from Reactor.start)."""
-        self._reactor = reactor
+    #: A subscription is live once Redis confirms it (a Live event).
+    confirms_subscriptions = True
+
+    def counters(self) -> dict[str, int]:
+        return self._counters.snapshot()
+
+    def start(self, dispatch: Dispatch) -> None:
+        """Listen, and hand messages and events to ``dispatch`` (the reactor's)."""
+        self._dispatch = dispatch
         if monkey.is_module_patched("socket"):
             self._sleep = gevent.sleep
             self._listener = gevent.spawn(self._listen)
@@ -167,10 +180,9 @@ class RedisBus:
             thread_class = monkey.get_original("threading", "Thread")
             thread_class(target=self._listen, name="wsgi_hijack-redis", daemon=True).start()
 
-    def subscribe(self, channel: str) -> bool:
+    def subscribe(self, channel: str) -> None:
         self._wanted.add(channel)
-        self._send("subscribe", channel)
-        return False  # live once Redis confirms: the listener tells the reactor
+        self._send("subscribe", channel)  # live once Redis confirms: a Live event
 
     def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
@@ -186,17 +198,15 @@ class RedisBus:
             log.debug("%s %s deferred until Redis is back: %s", command, channel, exc)
 
     def _listen(self) -> None:
-        from .reactor import BUS_LIVE, BUS_RESYNC
-
         backoff, connected_before = 0.1, False
         control = self._key("ctl")
         prefix = self._key("c:").encode()
-        while self._reactor is not None and self._reactor.running:
+        while self._dispatch is not None:
             pubsub = self._client.pubsub()
             try:
                 pubsub.subscribe(control)  # always one subscription, so listen() can block
                 if connected_before:  # messages may have passed us by meanwhile
-                    self._reactor.dispatch((BUS_RESYNC, None))
+                    self._deliver(Resync())
                 wanted = list(self._wanted)
                 self._pubsub = pubsub
                 if wanted:
@@ -211,9 +221,9 @@ class RedisBus:
                         continue
                     channel = name[len(prefix):].decode()
                     if kind == b"message" or kind == "message":
-                        self._reactor.dispatch(_parse(channel, item["data"]))
+                        self._deliver(_parse(channel, item["data"]))
                     elif kind == b"subscribe" or kind == "subscribe":
-                        self._reactor.dispatch((BUS_LIVE, channel))
+                        self._deliver(Live(channel))
             except (RedisError, OSError) as exc:
                 self._pubsub = None
                 log.warning("Redis bus lost its subscription (%s); reconnecting in %.1f s",
@@ -227,12 +237,17 @@ class RedisBus:
             self._sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
+    def _deliver(self, item: Message | Live | Resync) -> None:
+        dispatch = self._dispatch
+        if dispatch is not None:
+            dispatch(item)
+
     def close(self) -> None:
         listener, self._listener = self._listener, None
-        self._reactor = None
+        self._dispatch = None
         if listener is not None:
             listener.kill(block=False)
-        # (A listener thread ends at its next message or reconnect: no reactor.)
+        # (A listener thread ends at its next message or reconnect: nobody to dispatch to.)
 
 
 def _message(channel: str, raw_id: bytes, fields: dict) -> Message:

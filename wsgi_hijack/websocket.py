@@ -44,35 +44,137 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import gevent
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
+from .connection import Connection
 from .hijack import is_hijackable, partial_hijack
 from .protocols.websocket import (
     JSON_FRAMER,
     TEXT_FRAMER,
     Endpoint,
     OnMessage,
-    WebSocket,
     WebSocketFramer,
+    WebSocketProtocol,
     binary_frame,
     close_frame,
-    send,
     text_frame,
 )
-from .reactor import get_reactor
+from .reactor import current_reactor, get_reactor
 from .streams import BadRequest, _bad, _unhijackable, check_channels, parse_id, plain_response
 
 __all__ = ["JSON_FRAMER", "TEXT_FRAMER", "Endpoint", "WebSocket", "WebSocketFramer",
-           "binary_frame", "close_frame", "is_websocket_request", "send", "text_frame",
-           "websocket_response"]
+           "WebSocketProtocol", "binary_frame", "close_frame", "is_websocket_request", "send",
+           "text_frame", "websocket_response"]
 
 WS_VERSION = "13"
 
 log = logging.getLogger("wsgi_hijack.websocket")
+
+
+class WebSocket(WebSocketProtocol):
+    """One WebSocket connection, as the app's callback sees it.
+
+    :meth:`send` replies to this client only, :meth:`close` ends the
+    conversation, :attr:`channels`, :attr:`subprotocol` and :attr:`data`
+    (whatever the app passed) describe it. The framing and parsing are
+    :class:`~wsgi_hijack.protocols.websocket.WebSocketProtocol`'s; this
+    subclass adds what touches gevent and the reactor, so one object per
+    connection serves both.
+
+    ``on_message(ws, message)`` runs in a greenlet, never in the reactor's
+    loop: the reactor only queues the message. One greenlet per connection
+    runs while it has messages waiting, in order, and exits when none are
+    left, so an idle connection has no greenlet. An exception in the
+    callback is logged and the connection goes on.
+    """
+
+    __slots__ = ("conn", "data", "_queue")
+
+    def __init__(self, endpoint: Endpoint, subprotocol: str | None = None,
+                 data: Any = None) -> None:
+        super().__init__(endpoint, subprotocol)
+        #: The reactor's record of this connection (set when it is stored,
+        #: before any of the client's input).
+        self.conn: Connection | None = None
+        self.data = data
+        self._queue: deque | None = None  # messages waiting for the callback
+
+    def held(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def message_received(self, message: str | bytes) -> bool:
+        if self.endpoint.on_message is None:
+            return True
+        queue = self._queue
+        if queue is None:
+            self._queue = deque([message])
+            gevent.spawn(self._run_callbacks)  # a greenlet only while messages wait
+        elif len(queue) >= self.endpoint.max_queue:
+            return False
+        else:
+            queue.append(message)
+        return True
+
+    def _run_callbacks(self) -> None:
+        queue = self._queue
+        on_message = self.endpoint.on_message
+        try:
+            while queue:
+                message = queue.popleft()
+                try:
+                    on_message(self, message)
+                except Exception:
+                    log.exception("websocket on_message callback failed (fd %s)",
+                                  self.conn.fd if self.conn is not None else "?")
+        finally:
+            self._queue = None
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self.conn.channels if self.conn is not None else ()
+
+    @property
+    def closed(self) -> bool:
+        conn = self.conn
+        return conn is None or conn.fd < 0 or conn.closing
+
+    def send(self, message: str | bytes) -> bool:
+        """Send ``message`` to this client only (text frame for ``str``, binary
+        for ``bytes``). Call from the reactor's thread: callbacks run there.
+        Returns False when the connection is already closed or closing."""
+        if self.closed:
+            return False
+        data = text_frame(message) if isinstance(message, str) else binary_frame(message)
+        _reactor().write(self.conn, data)
+        return True
+
+    def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Start the close handshake: send a close frame, then close the connection
+        once it is flushed. Call from the reactor's thread."""
+        if not self.closed:
+            _reactor().close_connection(self.conn, close_frame(code, reason))
+
+    def __repr__(self) -> str:
+        return f"<WebSocket {self.conn!r} subprotocol={self.subprotocol!r}>"
+
+
+def _reactor():
+    reactor = current_reactor()
+    if reactor is None:
+        raise RuntimeError("no running reactor in this process")
+    return reactor
+
+
+def send(ws: WebSocket, message: str | bytes) -> bool:
+    """``ws.send(message)``: reply to one WebSocket client from a callback."""
+    return ws.send(message)
 
 
 def _tokens(value: str) -> set[str]:
@@ -209,7 +311,7 @@ def websocket_response(environ: dict, start_response, channels: Iterable[str] = 
     start_response("101 Switching Protocols", headers)
 
     def hold(sock) -> None:
-        ws = WebSocket(endpoint, subprotocol, data)
-        ws.conn = reactor.hold(sock, ws, channels=channels, last_id=last_id)
+        reactor.hold(sock, WebSocket(endpoint, subprotocol, data), channels=channels,
+                     last_id=last_id)
 
     return partial_hijack(environ, hold)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..bus import Message, Replay
+    from ..bus.base import Message, Replay
 
 
 class ProtocolError(Exception):
@@ -54,6 +54,12 @@ class Protocol:
     def framer(self) -> Protocol:
         """The shared instance whose frame() makes this protocol's bytes."""
         return self
+
+    def held(self, conn: object) -> None:
+        """The reactor stored ``conn`` (its :class:`~wsgi_hijack.connection.
+        Connection` record) for this protocol, in its own thread and before
+        any of the client's input. A protocol that acts for the app on one
+        connection (WebSocket) keeps it; shared ones ignore it."""
 
     def receive_data(self, data: bytes) -> bytes | None:
         """The client sent ``data``. Return bytes to answer with, or None.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .base import Protocol
 
 if TYPE_CHECKING:
-    from ..bus import Message, Replay
+    from ..bus.base import Message, Replay
 
 
 def response(messages: list[dict], last_id: int, gap: bool = False) -> bytes:

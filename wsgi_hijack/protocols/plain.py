@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .base import Protocol
 
 if TYPE_CHECKING:
-    from ..bus import Message
+    from ..bus.base import Message
 
 HEAD_HEADERS = [
     ("Content-Type", "text/plain"),

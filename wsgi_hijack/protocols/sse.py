@@ -24,7 +24,7 @@ from .. import config
 from .base import Protocol
 
 if TYPE_CHECKING:
-    from ..bus import Message, Replay
+    from ..bus.base import Message, Replay
 
 HEAD_HEADERS = [
     ("Content-Type", "text/event-stream; charset=utf-8"),

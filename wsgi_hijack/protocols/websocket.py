@@ -20,8 +20,11 @@ Three kinds of object, so that an idle connection costs almost nothing:
     timeout and the framer. Made once and reused for every connection that
     has the same settings.
 
-:class:`WebSocket` -- one per connection, the ``protocol`` the reactor holds
-    ``__slots__`` only. While the connection is idle it holds no parser: the
+:class:`WebSocketProtocol` -- one per connection, the ``protocol`` the reactor holds
+    ``__slots__`` only. The app's handle, :class:`wsgi_hijack.websocket.WebSocket`,
+    is this class with what the app may do added (reply, close, its callback's
+    greenlets): one object per connection, and nothing here knows gevent or
+    the reactor. While the connection is idle it holds no parser: the
     wsproto ``Connection``, several times this object's size, is made when
     bytes arrive and dropped again as soon as nothing is left half-parsed (no
     partial frame buffered, no fragmented message in progress). An idle
@@ -47,12 +50,9 @@ Decisions:
   the connection is closed once that answer is flushed.
 - No extension is negotiated (no permessage-deflate), so the frames of a
   published message are the same bytes for every subscriber.
-- ``on_message(ws, message)`` (``str`` for text, ``bytes`` for binary) runs in
-  a greenlet, never in the reactor's: the reactor only queues the message.
-  One greenlet per connection runs while it has messages waiting, in order,
-  and exits when none are left, so an idle connection has no greenlet. An
-  exception in the callback is logged (``log.exception``) and the connection
-  goes on.
+- Each complete message the client sends (``str`` for text, ``bytes`` for
+  binary) goes to :meth:`WebSocketProtocol.message_received`; when that
+  refuses it (the app's queue is full), the connection is closed with 1008.
 
 .. _wsproto: https://python-hyper.org/projects/wsproto/
 """
@@ -62,11 +62,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import gevent
 from wsproto.connection import Connection as _WsConnection
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
@@ -76,8 +74,7 @@ from .. import config
 from .base import ConnectionDone, Protocol, ProtocolError, framed
 
 if TYPE_CHECKING:
-    from ..bus import Message, Replay
-    from ..connection import Connection
+    from ..bus.base import Message, Replay
 
 log = logging.getLogger("wsgi_hijack.websocket")
 
@@ -135,7 +132,7 @@ class WebSocketFramer(Protocol):
 JSON_FRAMER = WebSocketFramer(envelope=True)
 TEXT_FRAMER = WebSocketFramer(envelope=False)
 
-OnMessage = Callable[["WebSocket", "str | bytes"], Any]
+OnMessage = Callable[[Any, "str | bytes"], Any]
 
 
 class Endpoint:
@@ -161,34 +158,23 @@ class Endpoint:
                         self.pong_timeout, config.heartbeat_interval())
 
 
-class WebSocket(Protocol):
-    """One WebSocket connection held by the reactor (its ``protocol``).
+class WebSocketProtocol(Protocol):
+    """One WebSocket connection's framing and parsing (its ``protocol``)."""
 
-    The app's callback gets this object: :meth:`send` replies to this client
-    only, :meth:`close` ends the conversation, :attr:`channels`,
-    :attr:`subprotocol` and :attr:`data` (whatever the app passed) describe it.
-    """
-
-    __slots__ = ("endpoint", "conn", "subprotocol", "data", "_seen", "_ws", "_parts",
-                 "_size", "_queue")
+    __slots__ = ("endpoint", "subprotocol", "_seen", "_ws", "_parts", "_size")
 
     name = "websocket"
     heartbeat = PING
     goodbye = GOING_AWAY
     checks_liveness = True
 
-    def __init__(self, endpoint: Endpoint, subprotocol: str | None = None,
-                 data: Any = None) -> None:
+    def __init__(self, endpoint: Endpoint, subprotocol: str | None = None) -> None:
         self.endpoint = endpoint
-        #: The reactor's record of this connection (set once it is held).
-        self.conn: Connection | None = None
         self.subprotocol = subprotocol
-        self.data = data
         self._seen = _monotonic()
         self._ws: _WsConnection | None = None  # the parser, only while busy
         self._parts: list | None = None  # a fragmented message's data so far
         self._size = 0
-        self._queue: deque | None = None  # messages waiting for the callback
 
     # -- what the reactor asks ---------------------------------------------------
 
@@ -279,71 +265,19 @@ class WebSocket(Protocol):
                             b"".join(out) + close_frame(CloseReason.MESSAGE_TOO_BIG,
                                                         f"message over {limit} bytes"))
 
-    # -- the app's callback ------------------------------------------------------------
+    # -- the app's side -------------------------------------------------------------
+
+    def message_received(self, message: str | bytes) -> bool:
+        """A complete message from the client. Return False to refuse it (the
+        connection is then closed with 1008). Here: dropped, accepted."""
+        return True
 
     def _incoming(self, message: str | bytes, out: list) -> None:
-        if self.endpoint.on_message is None:
-            return
-        queue = self._queue
-        if queue is None:
-            self._queue = deque([message])
-            gevent.spawn(self._run_callbacks)  # a greenlet only while messages wait
-        elif len(queue) >= self.endpoint.max_queue:
+        if not self.message_received(message):
             self._ws = self._parts = None
             raise ProtocolError("websocket client sends faster than its callback takes",
                                 b"".join(out) + close_frame(CloseReason.POLICY_VIOLATION,
                                                             "too many messages waiting"))
-        else:
-            queue.append(message)
-
-    def _run_callbacks(self) -> None:
-        queue = self._queue
-        if self.conn is None:  # handed over from another thread: hold() not returned yet
-            for _ in range(1000):
-                gevent.sleep(0.001)
-                if self.conn is not None:
-                    break
-        on_message = self.endpoint.on_message
-        try:
-            while queue:
-                message = queue.popleft()
-                try:
-                    on_message(self, message)
-                except Exception:
-                    log.exception("websocket on_message callback failed (fd %s)",
-                                  self.conn.fd if self.conn is not None else "?")
-        finally:
-            self._queue = None
-
-    # -- what the app may do -----------------------------------------------------------
-
-    @property
-    def channels(self) -> tuple[str, ...]:
-        return self.conn.channels if self.conn is not None else ()
-
-    @property
-    def closed(self) -> bool:
-        conn = self.conn
-        return conn is None or conn.fd < 0 or conn.closing
-
-    def send(self, message: str | bytes) -> bool:
-        """Send ``message`` to this client only (text frame for ``str``, binary
-        for ``bytes``). Call from the reactor's thread: callbacks run there.
-        Returns False when the connection is already closed or closing."""
-        if self.closed:
-            return False
-        data = text_frame(message) if isinstance(message, str) else binary_frame(message)
-        _reactor().write(self.conn, data)
-        return True
-
-    def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
-        """Start the close handshake: send a close frame, then close the connection
-        once it is flushed. Call from the reactor's thread."""
-        if not self.closed:
-            _reactor()._last_words(self.conn, close_frame(code, reason))
-
-    def __repr__(self) -> str:
-        return f"<WebSocket {self.conn!r} subprotocol={self.subprotocol!r}>"
 
 
 # One idle wsproto parser, reused by whichever idle connection receives next
@@ -359,17 +293,3 @@ def _idle(ws: _WsConnection) -> bool:
     decoder = proto._frame_decoder
     return (ws.state is _OPEN and decoder.header is None and not len(decoder.buffer)
             and proto._message_decoder.opcode is None)
-
-
-def _reactor():
-    from ..reactor import current_reactor
-
-    reactor = current_reactor()
-    if reactor is None:
-        raise RuntimeError("no running reactor in this process")
-    return reactor
-
-
-def send(ws: WebSocket, message: str | bytes) -> bool:
-    """``ws.send(message)``: reply to one WebSocket client from a callback."""
-    return ws.send(message)

@@ -1,7 +1,10 @@
 """The reactor: one per worker process, holding every hijacked connection.
 
-The life of a held connection, all in this module (the fan-out loop and
-its threads are in :mod:`.fanout`, the process's reactor in :mod:`.process`):
+The life of a held connection, all in this module. Its other jobs are in
+modules of their own: who gets which message (:mod:`.routing`), the fan-out
+loop and its threads (:mod:`.fanout`), timers (:mod:`.timers`), entry from
+other threads (:mod:`.entry`), counting what is held (:mod:`.occupancy`),
+and the process's reactor (:mod:`.process`).
 
 1. **handed over** -- :meth:`Reactor.hold`, from any greenlet or OS thread,
    detaches the socket's fd, wraps it in a :class:`Connection` and appends it
@@ -10,9 +13,9 @@ its threads are in :mod:`.fanout`, the process's reactor in :mod:`.process`):
 2. **stored** -- :meth:`Reactor._adopt` moves it into ``self._conns`` (fd ->
    Connection) and registers the fd in one ``epoll`` set that the hub watches
    through a single io watcher. No greenlet and no watcher per connection.
-   It gets what it missed on its channels (replay after its last id, up to
-   the last message delivered), then is subscribed: from then on it gets
-   every message, none twice.
+   It gets what it missed on its channels, then every message published,
+   none twice: the router (:mod:`.routing`) says what to read from the bus's
+   history and who gets each message.
 3. **written** -- :meth:`Reactor._write` sends with one non-blocking
    ``write``; what the kernel does not take waits in ``conn.outbuf`` and the fd
    is armed for ``EPOLLOUT``. Heartbeats are written each round; published
@@ -20,14 +23,15 @@ its threads are in :mod:`.fanout`, the process's reactor in :mod:`.process`):
    :meth:`Reactor._deliver` writes each one's frame, made once per protocol,
    to every subscriber; several waiting messages leave in one write. The
    same bytes to many connections (a heartbeat, a message) go out through
-   :meth:`Reactor._fan_out`: one loop in C over their fds, and ``_write``
+   :func:`.fanout.fan_out`: one loop in C over their fds, and ``_write``
    only for those that have bytes waiting or whose write fell short. A
    one-shot protocol (long-poll) is complete after one delivery, or when its
    deadline passes (:meth:`Reactor._deadline`, one of the loop's timers,
    :mod:`.timers`), and then closes.
 4. **drained** -- :meth:`Reactor._flush` runs when the fd is writable and
    disarms ``EPOLLOUT`` once ``outbuf`` is empty.
-5. **dropped** -- :meth:`Reactor._drop`: the client closed (EOF, reset, hangup,
+5. **dropped** -- :meth:`Reactor._drop`, the one transition to
+   ``State.CLOSED``: the client closed (EOF, reset, hangup,
    seen at once through ``EPOLLIN``/``EPOLLRDHUP``), a write failed, the
    protocol refused its input, or its ``outbuf`` passed ``max_buffer`` (a
    client that stopped reading). Its fd is unregistered and closed. One
@@ -56,10 +60,15 @@ from gevent import monkey
 
 from .. import config, metrics
 from ..admission import Admission, Refusal
+from ..bus.base import Bus, Event, Message
 from ..connection import Connection, State
-from ..protocols.base import ConnectionDone, Protocol, ProtocolError, framed
+from ..protocols.base import ConnectionDone, Protocol, ProtocolError
 from . import fanout
 from .entry import HubEntry
+from .heartbeats import Heartbeats
+from .messages import Messages
+from .occupancy import Occupancy
+from .routing import Router
 from .timers import Timers
 
 log = logging.getLogger("wsgi_hijack.reactor")
@@ -68,24 +77,16 @@ log = logging.getLogger("wsgi_hijack.reactor")
 _epoll = monkey.get_original("select", "epoll")
 EPOLLIN = _select_module.EPOLLIN
 EPOLLOUT = _select_module.EPOLLOUT
-EPOLLRDHUP = _select_module.EPOLLRDHUP
-EPOLLHUP = _select_module.EPOLLHUP
-EPOLLERR = _select_module.EPOLLERR
-_READ_MASK = EPOLLIN | EPOLLRDHUP
-_CLOSED_MASK = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
+_READ_MASK = EPOLLIN | _select_module.EPOLLRDHUP
+_CLOSED_MASK = _READ_MASK | _select_module.EPOLLHUP | _select_module.EPOLLERR
 _POLL_BATCH = 4096
 _READ_SIZE = 65536
-
-#: Control events a bus queues through Reactor.dispatch, in order with messages.
-BUS_LIVE = "live"
-BUS_RESYNC = "resync"
-
 _METRICS_EVERY = 1.0  # seconds between syncs of the counters into prometheus metrics
 _write = os.write
 _read = os.read
 
 
-class Reactor:
+class Reactor(Messages):
     """Holds hijacked connections and writes heartbeats to all of them."""
 
     def __init__(self, heartbeat: float | None = None, max_buffer: int | None = None) -> None:
@@ -98,61 +99,29 @@ class Reactor:
         self.pid = os.getpid()
         self._senders = [fanout.Sender() for _ in range(config.send_threads() - 1)]
         self._conns: dict[int, Connection] = {}
-        # heartbeat bytes -> the connections that take it (fd -> Connection):
-        # a round writes each group with one C-speed loop over its fds, never
-        # touching a protocol. A protocol's heartbeat is read once, when stored.
-        self._beating: dict[bytes, dict[int, Connection]] = {}
+        self._heartbeats = Heartbeats()
         # fds with bytes waiting in their outbuf (armed for EPOLLOUT): a round
         # must not write past them, so they take the slow path.
         self._armed: set[int] = set()
         self._inbox: deque[tuple[Connection, bytes, int | None, float | None]] = deque()
-        self._outbox: deque[Any] = deque()  # published messages, in id order
-        # channel -> (framer, one_shot) -> fd -> Connection: the connections
-        # whose protocols share a framer take one frame of a message, written
-        # to all of them by one C-speed loop (_fan_out), like a heartbeat;
-        # one-shot ones (long-poll) apart, as each then completes.
-        self._subscribers: dict[str, dict[tuple[Protocol, bool], dict[int, Connection]]] = {}
-        # connections whose protocol checks the peer is alive each round
-        self._watched: set[Connection] = set()
+        self._outbox: deque[Message | Event] = deque()  # from the bus, in id order
+        #: Who gets which message: the exactly-once bookkeeping, sans-IO.
+        self.router = Router()
         # Heartbeat rounds, the metrics sync and long-poll deadlines.
         self._timers = Timers()
         self._on_deadline = self._deadline  # one bound method for every entry
-        # channel -> subscription confirmations still awaited from the bus (0: live)
-        self._bus_channels: dict[str, int] = {}
-        # confirmations still to come for subscriptions already released
-        self._stale_confirmations: dict[str, int] = {}
-        # while the bus resynchronises: live messages held back, else None
-        self._resyncing: list[Any] | None = None
-        # connections waiting for their channels' bus subscription -> their last id
-        self._waiting: dict[Connection, int | None] = {}
-        # connection -> id up to which its replay already covered live messages
-        self._skip: dict[Connection, int] = {}
-        # channel -> the bus's last id when its subscription went live
-        self._live_from: dict[str, int] = {}
         #: The bus whose history serves replays; set at start() if not given.
-        self.bus: Any = None
-        self.admission = Admission()
+        self.bus: Bus | None = None
+        self.occupancy = Occupancy(Admission())
         self._metrics = metrics.create()
         self._write_runs: list[float] = []
         #: protocol name -> connections held
         self.held_by_protocol: dict[str, int] = {}
-        # client address -> held connections, only with a per-address cap
-        self._per_ip: dict[str, int] = {}
-        self._per_ip_lock = monkey.get_original("threading", "Lock")()
-        # Hijacks admitted and not yet ended (thread servers run several at
-        # once), and connections handed over and not yet dropped: one count
-        # under one lock, so that admission is exact from any thread.
-        self._admitting = 0
-        self._holding = 0
-        self._admit_lock = monkey.get_original("threading", "Lock")()
-        #: Id of the last message delivered to subscribers.
-        self.delivered_upto = 0
         self._epoll: Any = None
         self._greenlet: gevent.Greenlet | None = None
         self._running = False
-        self.stats = {
+        self._counts = {
             "adopted": 0,
-            "refused": 0,  # hijacks refused by admission (503 full, 429 per address)
             "dropped_closed": 0,  # client went away (EOF, reset, write error)
             "dropped_slow": 0,  # client stopped reading; outbuf passed max_buffer
             "dropped_protocol": 0,  # client sent what its protocol refuses
@@ -160,11 +129,26 @@ class Reactor:
             "completed": 0,  # one-shot responses written and closed
             "messages": 0,  # messages delivered (each to all its subscribers)
             "deliveries": 0,  # frames written to subscribers
-            "published": 0,  # messages published through this process
-            "bus_errors": 0,  # publishes or replays the bus could not do
             "rounds": 0,
             "last_write_run": 0.0,
         }
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The reactor's counts, with the admission's and the bus's; any thread."""
+        stats = dict(self._counts, refused=self.occupancy.refused)
+        stats.update(self.bus.counters() if self.bus is not None
+                     else {"published": 0, "bus_errors": 0})
+        return stats
+
+    @property
+    def admission(self) -> Admission:
+        return self.occupancy.admission
+
+    @property
+    def delivered_upto(self) -> int:
+        """Id of the last message delivered to subscribers."""
+        return self.router.delivered_upto
 
     # -- starting and stopping -------------------------------------------------
 
@@ -174,19 +158,16 @@ class Reactor:
             return self
         _ignore_sigpipe()
         if self.bus is None:
-            from ..bus import get_bus
+            from ..bus.process import get_bus
 
             self.bus = get_bus()
+        self.router.confirms = self.bus.confirms_subscriptions
         # Anything published before now had no subscriber here, but stays
         # replayable: count it as delivered.
         try:
-            self.delivered_upto = self.bus.last_id()
+            self.router.delivered_upto = self.bus.last_id()
         except Exception as exc:  # a bus that is down now may be back soon
             log.warning("bus unavailable at start (%s); continuing without it", exc)
-            self.delivered_upto = 0
-        start_bus = getattr(self.bus, "start", None)
-        if start_bus is not None:
-            start_bus(self)
         hub = gevent.get_hub()
         self._entry = HubEntry(hub)
         self._epoll = _epoll()
@@ -196,6 +177,7 @@ class Reactor:
         self._async = hub.loop.async_()
         self._async.start(self._wake.set)
         self._running = True
+        self.bus.start(self.dispatch)
         self._greenlet = gevent.spawn(self._run)
         log.debug("reactor started in pid %d, heartbeat every %.3g s", self.pid,
                   self.heartbeat_interval)
@@ -232,9 +214,7 @@ class Reactor:
                     except OSError:
                         pass
             self._drop(conn, None)
-        close_bus = getattr(self.bus, "close", None)
-        if close_bus is not None:
-            close_bus()
+        self.bus.close()
         for sender in self._senders:
             sender.stop()
         self._senders = []
@@ -272,14 +252,7 @@ class Reactor:
         conn = Connection(fd, protocol)
         conn.outbuf = initial
         conn.channels = tuple(channels)
-        if self.admission.max_per_ip:
-            ip = getattr(sock, "peer_ip", None)
-            if ip:
-                conn.ip = ip
-                with self._per_ip_lock:
-                    self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        with self._admit_lock:
-            self._holding += 1
+        conn.ip = self.occupancy.handed_over(getattr(sock, "peer_ip", None))
         self._inbox.append((conn, pending, last_id, timeout))
         self._async.send()  # wakes the hub, from this thread or any other
         return conn
@@ -294,11 +267,18 @@ class Reactor:
     @property
     def holding(self) -> int:
         """Connections handed over and not yet dropped (each an fd); any thread."""
-        return self._holding
+        return self.occupancy.holding
 
-    def _released(self) -> None:
-        with self._admit_lock:
-            self._holding -= 1
+    def admit(self, ip: str | None = None) -> Refusal | None:
+        """May one more connection be held? Thread-safe; None means yes, and
+        then :meth:`admitted_done` must follow once the hijack has ended
+        (held or not)."""
+        return self.occupancy.admit(ip)
+
+    def admitted_done(self) -> None:
+        """The hijack :meth:`admit` let through has ended: its connection is
+        held (counted in :attr:`holding`) or gone."""
+        self.occupancy.admitted_done()
 
     def drop_all(self) -> int:
         """Close every held connection now, with no goodbye, as a network failure
@@ -311,34 +291,6 @@ class Reactor:
         for conn in conns:
             self._drop(conn, None)
         return len(conns)
-
-    def _forget_ip(self, conn: Connection) -> None:
-        with self._per_ip_lock:
-            left = self._per_ip.get(conn.ip, 1) - 1
-            if left > 0:
-                self._per_ip[conn.ip] = left
-            else:
-                self._per_ip.pop(conn.ip, None)
-        conn.ip = None
-
-    def admit(self, ip: str | None = None) -> Refusal | None:
-        """May one more connection be held? Thread-safe; None means yes, and
-        then :meth:`admitted_done` must follow once the hijack has ended
-        (held or not)."""
-        with self._admit_lock:
-            refusal = self.admission.check(self.holding + self._admitting,
-                                           self._per_ip.get(ip, 0) if ip else 0)
-            if refusal is None:
-                self._admitting += 1
-        if refusal is not None:
-            self.stats["refused"] += 1
-        return refusal
-
-    def admitted_done(self) -> None:
-        """The hijack :meth:`admit` let through has ended: its connection is
-        held (counted in :attr:`holding`) or gone."""
-        with self._admit_lock:
-            self._admitting = max(0, self._admitting - 1)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -371,13 +323,10 @@ class Reactor:
 
     def _sync(self, _: Any) -> None:
         try:
-            self._sync_metrics()
+            runs, self._write_runs = self._write_runs, []
+            self._metrics.sync(self.stats, self.held_by_protocol, runs)
         finally:
             self._timers.at(time.monotonic() + _METRICS_EVERY, self._sync)
-
-    def _sync_metrics(self) -> None:
-        runs, self._write_runs = self._write_runs, []
-        self._metrics.sync(self.stats, self.held_by_protocol, runs)
 
     def _guarded(self, step: Any, *args: Any) -> None:
         if not self._running:  # closed by a step that yielded to the hub (_poll)
@@ -397,268 +346,33 @@ class Reactor:
                 self._epoll.register(conn.fd, _READ_MASK)
             except OSError as exc:
                 log.warning("cannot watch fd %d, closing it: %s", conn.fd, exc)
-                if conn.ip is not None:
-                    self._forget_ip(conn)
                 _close_fd(conn)
-                self._released()
+                self.occupancy.released(conn.ip)
                 continue
             self._conns[conn.fd] = conn
             conn.state = State.HELD
-            # The heartbeat is read once, here; the key is kept on the
-            # connection, so a protocol whose attribute changes later cannot
-            # leave its fd behind in a group.
-            beat = conn.protocol.heartbeat
-            if beat:
-                beat = conn.beat = bytes(beat)
-                group = self._beating.get(beat)
-                if group is None:
-                    group = self._beating[beat] = {}
-                group[conn.fd] = conn
-            self.stats["adopted"] += 1
+            conn.protocol.held(conn)
+            self._heartbeats.add(conn)
+            self._counts["adopted"] += 1
             name = conn.protocol.name
             self.held_by_protocol[name] = self.held_by_protocol.get(name, 0) + 1
-            if conn.protocol.checks_liveness:
-                self._watched.add(conn)
             if conn.outbuf:
                 initial, conn.outbuf = conn.outbuf, b""
                 self._write(conn, initial)
             if pending and conn.fd >= 0:
                 self._received(conn, pending)
             if conn.fd >= 0 and conn.channels:
-                self._subscribe(conn, last_id, timeout)
-
-    def _subscribe(self, conn: Connection, last_id: int | None, timeout: float | None) -> None:
-        if timeout is not None:
-            self._timers.at(time.monotonic() + timeout, self._on_deadline, conn)
-        # A channel this worker does not listen to yet is subscribed at the bus
-        # first; a cross-process bus confirms later (BUS_LIVE), and until then
-        # the connection waits, taking no messages.
-        live = True
-        for channel in conn.channels:
-            awaited = self._bus_channels.get(channel)
-            if awaited is None:
-                awaited = self._bus_channels[channel] = 0 if self.bus.subscribe(channel) else 1
-            live = live and awaited == 0
-        if not live or self._resyncing is not None:
-            self._waiting[conn] = last_id
-            return
-        # Replay up to the last delivered message, then subscribe: messages
-        # after it are still in the outbox and reach the connection through
-        # _deliver, so it gets each exactly once.
-        # A channel that went live recently had messages published before its
-        # subscription that never pass through _deliver: read up to where it
-        # went live (the skip in _join drops what then also arrives live).
-        upto = self.delivered_upto
-        if self._live_from:
-            upto = max(upto, *(self._live_from.get(c, 0) for c in conn.channels))
-        # (0: nothing delivered yet and the bus's position unknown: read it all.)
-        self._join(conn, self.bus.replay(conn.channels, last_id, upto=upto or None))
-
-    def _join(self, conn: Connection, replay: Any) -> None:
-        if conn.fd < 0 or conn.closing:  # its goodbye is out (or on its way): nothing after it
-            return
-        opening = conn.protocol.opening(replay)
-        if opening:
-            self._write(conn, opening)
-            if conn.protocol.one_shot:
-                self._finish(conn)
-                return
-        if conn.fd < 0:
-            return
-        if replay.last_id > self.delivered_upto:
-            # The replay read past what was delivered: those messages are
-            # still on their way, and this connection already has them.
-            self._skip[conn] = replay.last_id
-        key = _group_key(conn.protocol)
-        for channel in conn.channels:
-            by_framer = self._subscribers.get(channel)
-            if by_framer is None:
-                by_framer = self._subscribers[channel] = {}
-            group = by_framer.get(key)
-            if group is None:
-                group = by_framer[key] = {}
-            group[conn.fd] = conn
-
-    def _unsubscribe(self, conn: Connection) -> None:
-        self._waiting.pop(conn, None)
-        self._skip.pop(conn, None)
-        key = _group_key(conn.protocol)
-        for channel in conn.channels:
-            by_framer = self._subscribers.get(channel)
-            if by_framer is not None:
-                group = by_framer.get(key)
-                if group is not None and group.get(conn.fd) is conn:
-                    del group[conn.fd]
-                    if not group:
-                        del by_framer[key]
-                        if not by_framer:
-                            del self._subscribers[channel]
-            self._release(channel)
-
-    def _release(self, channel: str) -> None:
-        """Unsubscribe ``channel`` at the bus once no connection here needs it."""
-        if channel in self._subscribers or channel not in self._bus_channels:
-            return
-        if any(channel in conn.channels for conn in self._waiting):
-            return
-        awaited = self._bus_channels.pop(channel)
-        if awaited:
-            self._stale_confirmations[channel] = (
-                self._stale_confirmations.get(channel, 0) + awaited)
-        self.bus.unsubscribe(channel)
-
-    # -- published messages -----------------------------------------------------
-
-    def dispatch(self, message: Any) -> None:
-        """Queue a published message for delivery; thread-safe, in id order.
-
-        A bus may also queue control events, in order with its messages:
-        ``(BUS_LIVE, channel)`` when a channel's subscription is confirmed,
-        ``(BUS_RESYNC, None)`` after it reconnected and may have missed some.
-        """
-        if self._running:
-            self._outbox.append(message)
-            self._async.send()
-
-    def subscriber_count(self, channel: str) -> int:
-        return sum(map(len, self._subscribers.get(channel, {}).values()))
-
-    def _deliver(self) -> None:
-        outbox = self._outbox
-        if not outbox:
-            return
-        batch = []
-        while outbox:
-            item = outbox.popleft()
-            if type(item) is tuple:  # a bus control event: deliver what came before it first
-                self._deliver_batch(batch)
-                batch = []
-                self._control(*item)
-            else:
-                batch.append(item)
-        self._deliver_batch(batch)
-        upto = self.delivered_upto
-        if self._skip:
-            for conn in [c for c, last in self._skip.items() if last <= upto]:
-                del self._skip[conn]
-        if self._live_from:
-            for channel in [c for c, last in self._live_from.items() if last <= upto]:
-                del self._live_from[channel]
-
-    def _deliver_batch(self, batch: list[Any]) -> None:
-        if not batch:
-            return
-        if self._resyncing is not None:
-            self._resyncing.extend(batch)
-            return
-        skip = self._skip
-        if len(batch) == 1 and not skip:
-            # The common case: one message, one frame per framer, written to
-            # each framer's subscribers as a heartbeat is: no per-subscriber
-            # Python beyond a builtin call, so delivery takes one write run.
-            message = batch[0]
-            for (framer, one_shot), group in list(
-                    self._subscribers.get(message.channel, {}).items()):
-                data = framed(framer, message)
-                if one_shot:  # each one completes and closes: the slow path
-                    for conn in list(group.values()):
-                        self._write_message(conn, data)
-                else:
-                    self.stats["deliveries"] += len(group)
-                    self._fan_out(data, group)
-            self._delivered(message)
-            return
-        # Several messages waiting: gather each connection's frames, one write each.
-        gathered: dict[Connection, list[bytes]] = {}
-        for message in batch:
-            subscribers = [conn for group in self._subscribers.get(message.channel, {}).values()
-                           for conn in group.values()]
-            for conn in subscribers:
-                if conn.protocol.one_shot and conn in gathered:
-                    continue  # its response is the first message; it polls again for more
-                if skip and skip.get(conn, 0) >= message.id:
-                    continue  # it had this one in its replay
-                frames = gathered.get(conn)
-                if frames is None:
-                    frames = gathered[conn] = []
-                frames.append(framed(conn.protocol, message))
-            self._delivered(message)
-        for conn, frames in gathered.items():
-            self._write_message(conn, frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def _control(self, kind: str, channel: str | None) -> None:
-        if kind == BUS_LIVE:
-            stale = self._stale_confirmations.get(channel, 0)
-            if stale:  # for a subscription released since: not this one
-                if stale == 1:
-                    del self._stale_confirmations[channel]
-                else:
-                    self._stale_confirmations[channel] = stale - 1
-                return
-            awaited = self._bus_channels.get(channel)
-            if not awaited:
-                return
-            self._bus_channels[channel] = awaited - 1
-            if awaited == 1:
-                try:
-                    self._live_from[channel] = self.bus.last_id()
-                except Exception:
-                    self._live_from[channel] = 1 << 62  # unknown: replays read to the end
-            if any(self._bus_channels.values()):
-                return
-            if self._resyncing is not None:
-                self._finish_resync()
-            self._admit_waiting()
-        elif kind == BUS_RESYNC:
-            # The bus reconnected and now subscribes every channel again, one
-            # confirmation each. Until all are live, hold live messages back;
-            # then take what was missed from the history (_finish_resync).
-            self._stale_confirmations.clear()
-            for name in self._bus_channels:
-                self._bus_channels[name] = 1
-            if self._bus_channels and self._resyncing is None:
-                self._resyncing = []
-
-    def _admit_waiting(self) -> None:
-        ready = [conn for conn in self._waiting
-                 if all(self._bus_channels.get(c) == 0 for c in conn.channels)]
-        for conn in ready:
-            last_id = self._waiting.pop(conn)
-            if conn.fd >= 0 and not conn.closing:
-                # Read everything stored so far: messages published before
-                # the subscription was live are only there.
-                self._join(conn, self.bus.replay(conn.channels, last_id))
-
-    def _finish_resync(self) -> None:
-        held, self._resyncing = self._resyncing or [], None
-        if not self.delivered_upto:  # no position to resume from: only go on live
-            self._deliver_batch(held)
-            return
-        replay = self.bus.replay(list(self._subscribers), self.delivered_upto)
-        missed = [m for m in replay.messages if m.id > self.delivered_upto]
-        self._deliver_batch(missed + [m for m in held if m.id > replay.last_id])
-        if replay.last_id > self.delivered_upto:
-            self.delivered_upto = replay.last_id
-
-    def _delivered(self, message: Any) -> None:
-        self.delivered_upto = message.id
-        self.stats["messages"] += 1
-
-    def _write_message(self, conn: Connection, data: bytes) -> None:
-        if conn.fd < 0 or conn.closing:
-            return
-        self.stats["deliveries"] += 1
-        self._write(conn, data)
-        if conn.protocol.one_shot:
-            self._finish(conn)
+                if timeout is not None:
+                    self._timers.at(time.monotonic() + timeout, self._on_deadline, conn)
+                self._apply(self.router.join(conn, last_id))
 
     def _finish(self, conn: Connection) -> None:
         """The response is complete: stop its messages and heartbeats (nothing
         may follow a goodbye), close once flushed."""
         if conn.state < State.CLOSING:  # forward only: a dropped one stays closed
             conn.state = State.CLOSING
-        self._unsubscribe(conn)
-        self._stop_beats(conn)
+        self._apply(self.router.leave(conn))
+        self._heartbeats.stop(conn)
         if conn.fd >= 0 and not conn.outbuf:
             self._drop(conn, "completed")
 
@@ -706,25 +420,26 @@ class Reactor:
             reply = conn.protocol.receive_data(data)
         except ProtocolError as exc:
             log.info("closing fd %d: %s", conn.fd, exc)
-            self.stats["dropped_protocol"] += 1
-            self._last_words(conn, exc.goodbye)
+            self._counts["dropped_protocol"] += 1
+            self.close_connection(conn, exc.goodbye)
             return
         except ConnectionDone as done:
-            self._last_words(conn, done.goodbye)
+            self.close_connection(conn, done.goodbye)
             return
         except Exception:  # a protocol's bug costs its connection, never the reactor
             log.exception("protocol %s failed on input; closing fd %d", conn.protocol.name,
                           conn.fd)
-            self.stats["dropped_protocol"] += 1
+            self._counts["dropped_protocol"] += 1
             self._drop(conn, None)
             return
         if reply:
             self._write(conn, reply)
 
-    def _last_words(self, conn: Connection, goodbye: bytes) -> None:
-        """Write ``goodbye`` if the client still reads, then close."""
-        if goodbye and conn.fd >= 0:
-            self._write(conn, goodbye)
+    def close_connection(self, conn: Connection, last_words: bytes = b"") -> None:
+        """Write ``last_words`` if the client still reads, then close once they
+        are flushed; call from the reactor's thread."""
+        if last_words and conn.fd >= 0:
+            self._write(conn, last_words)
         self._finish(conn)
 
     # -- 3. written ----------------------------------------------------------------
@@ -756,61 +471,11 @@ class Reactor:
         if conn.fd >= 0:
             self._write(conn, data)
 
-    def _fan_out(self, data: bytes, group: dict[int, Connection]) -> None:
-        """Write the same ``data`` to every connection in ``group`` (fd -> conn).
-
-        The hot loop of heartbeats and messages: one write() per connection,
-        run in C by fanout.write_each. The kernel's send path is most of the cost
-        on loopback, so the Python around it is one list copy and one
-        builtin call per fd. Anything unusual (bytes already waiting, a full
-        send buffer, an error, a partial write) goes to _write, which
-        buffers or drops.
-        """
-        armed = self._armed
-        if armed:  # these get it behind the bytes they are waiting to send
-            waiting = [group[fd] for fd in armed if fd in group]
-            fds = [fd for fd in group if fd not in armed]
-        else:
-            waiting = []
-            fds = list(group)
-        senders = self._senders
-        if senders and len(fds) >= fanout.THREADED_MIN:
-            # WSGI_HIJACK_SEND_THREADS=K: spread the writes over K OS threads;
-            # write() releases the GIL. The helpers only write; what
-            # they could not, the reactor's thread handles after the join.
-            k = len(senders) + 1
-            step = -(-len(fds) // k)
-            for i, sender in enumerate(senders, 1):
-                sender.start(fds[i * step:(i + 1) * step], data)
-            trouble = fanout.write_each(fds[:step], data)
-            for sender in senders:
-                trouble += sender.join()
-        else:
-            trouble = fanout.write_each(fds, data)
-        slow = self._write
-        for fd, sent in trouble:
-            conn = group.get(fd)
-            if conn is not None and conn.fd >= 0:
-                slow(conn, data if sent is None else data[sent:])
-        for conn in waiting:
-            if conn.fd >= 0:
-                slow(conn, data)
-
     def heartbeat_round(self) -> float:
         """Write every connection's heartbeat; return the write run's seconds."""
-        start = time.perf_counter()
-        for beat, group in list(self._beating.items()):
-            self._fan_out(beat, group)
-        elapsed = time.perf_counter() - start
-        if self._watched:
-            now = time.monotonic()
-            for conn in list(self._watched):
-                verdict = conn.protocol.liveness(now)
-                if verdict is not None and conn.fd >= 0:
-                    self.stats["dropped_dead"] += 1
-                    self._last_words(conn, verdict)
-        self.stats["rounds"] += 1
-        self.stats["last_write_run"] = elapsed
+        elapsed = self._heartbeats.round(self._armed, self._senders, self._write, self._dead)
+        self._counts["rounds"] += 1
+        self._counts["last_write_run"] = elapsed
         if self._metrics is not None:
             self._write_runs.append(elapsed)
         log.info("Number of clients connected: %d, time for entire write run: %.6f s",
@@ -836,44 +501,31 @@ class Reactor:
             self._epoll.modify(conn.fd, _READ_MASK)
             self._armed.discard(conn.fd)
 
-    def _stop_beats(self, conn: Connection) -> None:
-        beat, conn.beat = conn.beat, None
-        if beat is not None:
-            group = self._beating.get(beat)
-            if group is not None and group.get(conn.fd) is conn:
-                del group[conn.fd]
-                if not group:
-                    del self._beating[beat]
+    def _dead(self, conn: Connection, last_words: bytes) -> None:
+        self._counts["dropped_dead"] += 1
+        self.close_connection(conn, last_words)
 
     # -- 5. dropped, 6. closed ----------------------------------------------------------
 
     def _drop(self, conn: Connection, reason: str | None) -> None:
+        """The one transition to CLOSED: out of every structure, fd closed."""
         fd = conn.fd
         if fd < 0:
             return
         del self._conns[fd]
-        self._stop_beats(conn)
+        self._heartbeats.forget(conn)
         self._armed.discard(fd)
         self.held_by_protocol[conn.protocol.name] -= 1
-        self._watched.discard(conn)
-        if conn.ip is not None:
-            self._forget_ip(conn)
         if conn.channels:
-            self._unsubscribe(conn)
+            self._apply(self.router.leave(conn))
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
             pass
         _close_fd(conn)
-        self._released()
+        self.occupancy.released(conn.ip)
         if reason is not None:
-            self.stats[reason] += 1
-
-
-def _group_key(protocol: Protocol) -> tuple[Protocol, bool]:
-    """Where a subscriber is grouped: by the framer that makes its frames and
-    by whether its own protocol is one-shot (a framer may be shared by both)."""
-    return protocol.framer, bool(protocol.one_shot)
+            self._counts[reason] += 1
 
 
 def _close_fd(conn: Connection) -> None:

@@ -1,0 +1,126 @@
+"""The in-process bus: one worker, no dependency.
+
+The history of a channel is bounded by count (``WSGI_HIJACK_HISTORY``) and
+age (``WSGI_HIJACK_HISTORY_AGE``); both are trimmed as messages arrive and
+when a replay reads them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+
+from .. import config
+from .base import (
+    Counters,
+    Dispatch,
+    Lock,
+    Message,
+    Replay,
+    check_channel,
+    check_data,
+    check_event,
+)
+
+
+class _History:
+    __slots__ = ("messages", "evicted")
+
+    def __init__(self) -> None:
+        self.messages: deque[Message] = deque()
+        self.evicted = 0
+
+
+class InProcessBus:
+    """The default bus: one worker, no dependency.
+
+    Messages reach the subscribers of this process only. With several
+    workers, use a cross-worker bus (the Redis bus), or publishes would reach
+    one worker's clients only.
+    """
+
+    def __init__(self, history_size: int | None = None, history_age: float | None = None,
+                 max_message: int | None = None) -> None:
+        self.history_size = history_size or config.history_size()
+        self.history_age = history_age or config.history_age()
+        self.max_message = max_message or config.max_message()
+        self._lock = Lock()
+        self._last_id = 0
+        self._channels: dict[str, _History] = {}
+        self._dispatch: Dispatch | None = None
+        self._counters = Counters()
+
+    def publish(self, channel: str, data: str | bytes, event: str | None = None) -> int:
+        """Publish ``data`` on ``channel``; returns the message id. Any thread."""
+        check_channel(channel)
+        event = check_event(event)
+        data = check_data(data, self.max_message)
+        with self._lock:
+            self._last_id += 1
+            message = Message(self._last_id, channel, data, event, time.time())
+            history = self._channels.get(channel)
+            if history is None:
+                history = self._channels[channel] = _History()
+            history.messages.append(message)
+            self._trim(history, message.time)
+            # Inside the lock, so the reactor receives messages in id order.
+            dispatch = self._dispatch
+            if dispatch is not None:
+                dispatch(message)
+        self._counters.add("published")
+        return message.id
+
+    def _trim(self, history: _History, now: float) -> None:
+        messages = history.messages
+        oldest = now - self.history_age
+        while messages and (len(messages) > self.history_size or messages[0].time < oldest):
+            history.evicted = messages.popleft().id
+
+    def last_id(self) -> int:
+        return self._last_id
+
+    # One process: every channel is live at once, nothing to subscribe to.
+    confirms_subscriptions = False
+
+    def subscribe(self, channel: str) -> None:
+        pass
+
+    def unsubscribe(self, channel: str) -> None:
+        pass
+
+    def start(self, dispatch: Dispatch) -> None:
+        self._dispatch = dispatch
+
+    def close(self) -> None:
+        self._dispatch = None
+
+    def counters(self) -> dict[str, int]:
+        return self._counters.snapshot()
+
+    def replay(self, channels: Iterable[str], after: int | None,
+               upto: int | None = None) -> Replay:
+        """Messages on ``channels`` with ``after < id <= upto``, in id order.
+
+        ``after=None`` means "nothing missed": an empty replay at the current id.
+        """
+        with self._lock:
+            last = self._last_id
+            upto = last if upto is None else min(upto, last)
+            if after is None:
+                return Replay([], False, upto)
+            now = time.time()
+            found: list[Message] = []
+            gap = after > last  # an id from the future: from another bus or made up
+            for channel in channels:
+                history = self._channels.get(channel)
+                if history is None:
+                    continue
+                self._trim(history, now)
+                if after < history.evicted:
+                    gap = True
+                found.extend(m for m in history.messages if after < m.id <= upto)
+        found.sort(key=lambda m: m.id)
+        return Replay(found, gap, upto)
+
+

@@ -1,0 +1,151 @@
+"""Published messages on their way to held connections.
+
+The bus hands messages and events to :meth:`Messages.dispatch` from any
+thread; the reactor's loop takes them in order (:meth:`Messages._deliver`),
+asks the router (:mod:`.routing`) who gets what, and writes: one frame per
+group through the fan-out, or each connection's share of several messages in
+one write. What the router asks of the bus (subscribe, read the history) is
+done here, in :meth:`Messages._apply`.
+
+A part of :class:`~wsgi_hijack.reactor.core.Reactor` (a mixin): its
+connections' writes and closes are the reactor's own.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ..bus.base import Bus, Event, Live, Message, Replay
+from ..connection import Connection
+from ..protocols.base import framed
+from . import fanout
+from .routing import (
+    CatchUp,
+    Delivery,
+    Effect,
+    FanOut,
+    ReadHistory,
+    RecordPosition,
+    Router,
+    Subscribe,
+    Unsubscribe,
+)
+
+
+class Messages:
+    """Routing and writing published messages; mixed into the Reactor."""
+
+    # What this part uses of the reactor.
+    bus: Bus | None
+    router: Router
+    _outbox: deque[Message | Event]
+    _running: bool
+    _async: Any
+    _counts: dict[str, Any]
+    _armed: set[int]
+    _senders: list[fanout.Sender]
+
+    if TYPE_CHECKING:
+        def _write(self, conn: Connection, data: bytes) -> None: ...
+        def _finish(self, conn: Connection) -> None: ...
+
+    def _apply(self, effects: list[Effect]) -> None:
+        """Do what the router asks of the bus and the connections, in order."""
+        bus = self.bus
+        for effect in effects:
+            kind = type(effect)
+            if kind is ReadHistory:
+                conn = effect.conn
+                if conn.fd >= 0 and not conn.closing:
+                    self._join(conn, bus.replay(conn.channels, effect.after, effect.upto))
+            elif kind is Subscribe:
+                bus.subscribe(effect.channel)
+            elif kind is Unsubscribe:
+                bus.unsubscribe(effect.channel)
+            elif kind is RecordPosition:
+                try:
+                    position = bus.last_id()
+                except Exception:
+                    position = None
+                self.router.went_live(effect.channel, position)
+            elif kind is CatchUp:
+                replay = bus.replay(effect.channels, effect.after) if effect.after else None
+                self._send_out(self.router.caught_up(replay))
+
+    def _join(self, conn: Connection, replay: Replay) -> None:
+        """Write what ``conn`` missed, then let it take what is published."""
+        if conn.fd < 0 or conn.closing:  # its goodbye is out (or on its way): nothing after it
+            return
+        opening = conn.protocol.opening(replay)
+        if opening:
+            self._write(conn, opening)
+            if conn.protocol.one_shot:
+                self._finish(conn)
+                return
+        if conn.fd >= 0:
+            self.router.attach(conn, replay.last_id)
+
+
+    # -- published messages -----------------------------------------------------
+
+    def dispatch(self, item: Message | Event) -> None:
+        """Queue a published message, or a bus event, for delivery in order;
+        thread-safe. This is what the bus is handed at start."""
+        if self._running:
+            self._outbox.append(item)
+            self._async.send()
+
+    def subscriber_count(self, channel: str) -> int:
+        return self.router.subscriber_count(channel)
+
+    def _deliver(self) -> None:
+        outbox = self._outbox
+        if not outbox:
+            return
+        batch: list[Message] = []
+        while outbox:
+            item = outbox.popleft()
+            if type(item) is Message:
+                batch.append(item)
+                continue
+            # A bus event: deliver what came before it first.
+            self._send_out(self.router.route(batch))
+            batch = []
+            if type(item) is Live:
+                self._apply(self.router.confirmed(item.channel))
+            else:
+                self.router.resync()
+        self._send_out(self.router.route(batch))
+
+    def _send_out(self, deliveries: list[Delivery]) -> None:
+        counts = self._counts
+        for delivery in deliveries:
+            if type(delivery) is FanOut:
+                # One frame per group, written to the group as a heartbeat is:
+                # no per-subscriber Python beyond a builtin call.
+                message = delivery.message
+                for (framer, one_shot), group in delivery.groups:
+                    data = framed(framer, message)
+                    if one_shot:  # each one completes and closes: the slow path
+                        for conn in list(group.values()):
+                            self._write_message(conn, data)
+                    else:
+                        counts["deliveries"] += len(group)
+                        fanout.fan_out(data, group, self._armed, self._senders, self._write)
+                counts["messages"] += 1
+            else:  # each connection's messages in one write
+                for conn, messages in delivery.messages.items():
+                    frames = [framed(conn.protocol, m) for m in messages]
+                    self._write_message(conn, frames[0] if len(frames) == 1
+                                        else b"".join(frames))
+                counts["messages"] += delivery.count
+
+    def _write_message(self, conn: Connection, data: bytes) -> None:
+        if conn.fd < 0 or conn.closing:
+            return
+        self._counts["deliveries"] += 1
+        self._write(conn, data)
+        if conn.protocol.one_shot:
+            self._finish(conn)
+
