@@ -13,7 +13,7 @@ once with the connections in the order they were made, once shuffled, so
 that each object is a cache miss. Prints nanoseconds of CPU per write,
 median of ``--rounds``, and the ratio to a bare
 ``for fd in fds: os.write(fd, data)``. Figures on this machine are in
-README.rst ("How the round got to the floor").
+docs/benchmarks.rst ("How the round gets to the floor").
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ if ((${#need[@]})); then
         || { apt-get update && apt-get install -y --no-install-recommends "${need[@]}"; }
 fi
 
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test,bench,docs]'
 python3 -m ruff check .
 # pytest exits 5 when no test ran; set -e turns that into a failure too.
 python3 -m pytest "$@"

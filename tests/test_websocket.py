@@ -506,7 +506,7 @@ def test_message_queue_overflow_closes_with_1008():
 
 
 def test_memory_benchmark_small_run():
-    """benchmarks/ws_memory.py end to end at a small N (the 19,900 run is in the README)."""
+    """benchmarks/ws_memory.py end to end at a small N (the 19,900 run: docs/benchmarks.rst)."""
     import subprocess
     import sys
     from pathlib import Path
