@@ -2,7 +2,7 @@
 
 The reactor counts in a plain dict on its hot paths (an int increment per
 event) and this module turns the counts into prometheus-client metrics once a
-second, as deltas: metrics add nothing to the cost per message or per heartbeat.
+second, as deltas: no message or heartbeat calls into prometheus-client.
 
 Several workers: prometheus-client's multiprocess mode. :mod:`wsgi_hijack.gunicorn_conf`
 points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers
