@@ -11,7 +11,7 @@ need=()
 command -v redis-server > /dev/null || need+=(redis-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
-# The seed on Puma, the anchor of the connect-storm benchmark
+# Puma, which runs the Rack app the connect-storm benchmark compares against
 # (benchmarks/storm.py, tests/test_storm_bench.py), and nstat for its counters.
 command -v puma > /dev/null || need+=(puma ruby-rack)
 command -v nstat > /dev/null || need+=(iproute2)

@@ -1,7 +1,7 @@
 /* The fan-out's inner loop in C: the same bytes to many sockets.
  *
- * wsgi_hijack.reactor._write_each in Python costs more per connection than
- * this loop on a real round, although its own bytecode is a few dozen
+ * The same loop in Python (the reactor's fallback) costs more per connection
+ * than this one on a real round, although its own bytecode is a few dozen
  * instructions: the kernel's send path between two writes evicts the
  * interpreter's code and data from the caches, and every Python call then
  * misses (benchmarks/results/results.md; benchmarks/fanout_loop.py). Here the

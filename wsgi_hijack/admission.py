@@ -12,7 +12,7 @@ the bus) and the connections on their way in (accepted and waiting for
 their head, or being answered). :class:`FdBudget` is what the worker's
 accept loop asks before it accepts: it accepts only while one more fd fits,
 so a storm at the fd limit is answered (``503`` from the app once full), not
-met with ``EMFILE``.
+met with ``EMFILE`` (benchmarks/results/arrival.md).
 
 ``WSGI_HIJACK_MAX_PER_IP`` caps held connections per client address (``429``).
 It is off by default: many users share one address behind NAT or a proxy,
@@ -70,7 +70,8 @@ def soft_fd_limit() -> int:
 
 
 def open_fds() -> int:
-    """This process's open fds, counted in /proc (a few ms at 20,000: not per accept)."""
+    """This process's open fds, counted in /proc: a listing of every fd, so
+    once when a worker starts (:class:`FdBudget`), never per accept."""
     try:
         return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir opened
     except OSError:

@@ -36,13 +36,15 @@ def max_buffer() -> int:
 def send_threads() -> int:
     """OS threads that share each fan-out of 10,000 connections or more (a
     heartbeat round, a message): ``WSGI_HIJACK_SEND_THREADS``, default 1 (the
-    reactor's own thread only). See the reactor for what was measured."""
+    reactor's own thread only). Opt-in: more threads shorten a large round at
+    about the same CPU per heartbeat, on cores the worker may not have to
+    spare (benchmarks/results/results.md, benchmarks/results/threads/results.md)."""
     return int(_positive("WSGI_HIJACK_SEND_THREADS", 1, int))
 
 
 def log_level() -> str:
     """Level of the ``wsgi_hijack`` loggers: ``WSGI_HIJACK_LOG_LEVEL``, default INFO
-    (each heartbeat round is logged at INFO, as the seed printed it)."""
+    (each heartbeat round is logged at INFO)."""
     level = os.environ.get("WSGI_HIJACK_LOG_LEVEL", "INFO").strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"WSGI_HIJACK_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING, "

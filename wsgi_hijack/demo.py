@@ -2,9 +2,9 @@
 
 Routes:
 
-- ``GET /``: the seed, done right: ``200 text/plain`` with ``Connection:
-  close`` (valid HTTP/1.1 and 1.0; the stream ends when the connection
-  does), then ``BEEP\\n`` each heartbeat.
+- ``GET /``: ``200 text/plain`` with ``Connection: close`` (valid HTTP/1.1
+  and 1.0; the stream ends when the connection does), then ``BEEP\\n`` each
+  heartbeat.
 - ``GET /events?channel=C``: Server-Sent Events (``Last-Event-ID`` replays).
 - ``GET /poll?channel=C&since=ID``: long-poll, answered with JSON.
 - ``GET /stream?channel=C``: an HTTP/1.1 chunked stream.
@@ -13,22 +13,21 @@ Routes:
 - ``POST /publish?channel=C[&event=E]``: the body is the message; ``202``
   and ``{"id": N}``. With ``WSGI_HIJACK_PUBLISH_TOKEN`` set, it needs
   ``Authorization: Bearer <token>``; without it, only loopback clients may
-  publish.
+  publish (:func:`wsgi_hijack.demo_publish.may_publish`, the rule the
+  WebSocket chat applies too).
 
 ``channel`` may be repeated on the subscribing routes to listen to several.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import logging
-import os
 from collections.abc import Iterable
 from urllib.parse import parse_qs
 
 from . import config
 from .bus import BusUnavailable, PublishError, publish
+from .demo_publish import may_publish
 from .demo_ws import ws_route
 from .hijack import HijackMiddleware, partial_hijack
 from .protocols.plain import HEAD_HEADERS, PlainStream
@@ -43,30 +42,6 @@ from .streams import (
 )
 
 BEEP = PlainStream(b"BEEP\n")
-
-
-def may_publish(environ: dict) -> tuple[bool, str, str]:
-    """The demo's publish rule: (allowed, status if not, reason if not).
-
-    With ``WSGI_HIJACK_PUBLISH_TOKEN`` set, a matching bearer token is needed
-    (compared in constant time). Without it, only loopback clients may publish,
-    so a demo left running on a public address is not an open relay.
-    """
-    token = os.environ.get("WSGI_HIJACK_PUBLISH_TOKEN")
-    if token:
-        given = environ.get("HTTP_AUTHORIZATION", "")
-        if given.startswith("Bearer ") and hmac.compare_digest(
-                given[7:].strip().encode(), token.encode()):
-            return True, "", ""
-        return False, "401 Unauthorized", "publishing needs Authorization: Bearer <token>"
-    try:
-        loopback = ipaddress.ip_address(environ.get("REMOTE_ADDR", "")).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
-        return True, "", ""
-    return False, "403 Forbidden", ("only loopback clients may publish; set "
-                                    "WSGI_HIJACK_PUBLISH_TOKEN to allow others with a token")
 
 
 def _publish(environ: dict, start_response, query: dict) -> Iterable[bytes]:
@@ -169,7 +144,8 @@ app = HijackMiddleware(demo_app)
 
 
 def _default_logging() -> None:
-    # The seed prints every round; so do we, unless the host configured logging.
+    # Each heartbeat round is logged at INFO, so that a terminal running the demo
+    # shows it beating, unless the host configured logging itself.
     logger = logging.getLogger("wsgi_hijack")
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()

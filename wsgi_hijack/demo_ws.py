@@ -5,7 +5,7 @@ came after message ``N``): every message published there reaches it as a
 text frame holding a JSON object ``{"id", "channel", "event", "data"}``.
 
 Text the client sends is published to ``C``, under the same rule as
-``POST /publish`` (:func:`wsgi_hijack.demo.may_publish`: a bearer token when
+``POST /publish`` (:func:`wsgi_hijack.demo_publish.may_publish`: a bearer token when
 ``WSGI_HIJACK_PUBLISH_TOKEN`` is set -- browsers cannot set headers on a
 WebSocket, so a token-protected demo chat is read-only for them -- else
 loopback clients only). The rule is decided once, at the handshake. A client
@@ -22,6 +22,7 @@ import json
 import logging
 
 from .bus import BusUnavailable, PublishError, publish
+from .demo_publish import may_publish
 from .streams import plain_response
 from .websocket import WebSocket, websocket_response
 
@@ -50,8 +51,6 @@ _refusals: dict[str, str] = {}  # one string per refusal, shared by all its conn
 
 
 def ws_route(environ: dict, start_response, query: dict) -> list[bytes]:
-    from .demo import may_publish
-
     channels = query.get("channel", [])
     if len(channels) != 1:
         return plain_response(start_response, "400 Bad Request",

@@ -40,9 +40,9 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 # greenlet, so this bounds neither how many a worker holds nor how many it
 # accepts ahead in a storm (benchmarks/results/storm.md).
 worker_connections = 1000
-# The kernel caps the backlog at net.core.somaxconn (4096 here); in a connect
-# storm this queue, and how fast the worker empties it (above), decide who
-# is dropped.
+# The kernel caps the backlog at net.core.somaxconn; in a connect storm this
+# queue, and how fast the worker empties it (above), decide whose SYN waits
+# for a retransmission (benchmarks/results/storm.md).
 backlog = 4096
 # Seconds between two requests on one connection. The first request head
 # has its own deadline, WSGI_HIJACK_HEAD_TIMEOUT (30 s), in the lobby.
@@ -70,7 +70,7 @@ def child_exit(server, worker):
         from prometheus_client import multiprocess
     except ImportError:
         return
-    multiprocess.mark_process_dead(worker.pid)  # its held connections no longer count
+    multiprocess.mark_process_dead(worker.pid)  # a dead worker's held connections do not count
 
 
 def _raise_nofile() -> tuple[int, int, int]:
@@ -125,6 +125,7 @@ def on_starting(server):
 # shared socket then moves to a private Unix socket that no client uses (were
 # it in the same SO_REUSEPORT group, connections queued on it, which no worker
 # accepts, would hang). WSGI_HIJACK_REUSEPORT=0 keeps gunicorn's own way.
+# Two workers, each with its own queue, in a storm: benchmarks/results/storm.md.
 reuse_port_per_worker = os.environ.get("WSGI_HIJACK_REUSEPORT", "1") != "0"
 
 

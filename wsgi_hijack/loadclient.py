@@ -26,140 +26,51 @@ counted as *closed without an answer*, not retried.
 
 The report (:func:`run` returns it; ``--json`` prints it) is a dict with
 ``connections``, ``time_to_all_heads``, ``hold``, ``server``, ``storm``
-(heads over time, time until all were hijacked) and ``latency`` (``None``
-for now: a later issue measures publish-to-receive latency).
+(heads over time, time until all were hijacked) and ``latency`` (always
+``None``: this client does not time messages; ``benchmarks/ws_memory.py``
+measures publish-to-receive latency).
+
+This module runs the phases; :mod:`wsgi_hijack.loadclient_machine` reads
+``/proc`` and plans the client processes, :mod:`wsgi_hijack.loadclient_report`
+builds the report and its table, and each client process is a
+:mod:`wsgi_hijack.loadclient_worker`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import math
 import os
-import random
-import resource
 import selectors
-import socket
-import statistics
 import subprocess
 import sys
 import time
 from urllib.parse import urlsplit
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-# fds a worker keeps for itself (stdio, epoll, Python's own) on top of its connections.
-_FD_RESERVE = 64
+from .loadclient_machine import (
+    children,
+    default_per_process,
+    ephemeral_ports,
+    ephemeral_range,
+    free_server_port,
+    plan,
+    proc_stats,
+    sample,
+)
+from .loadclient_report import (
+    build_report,
+    format_report,
+    heads_over_time,
+    server_section,
+    storm_section,
+)
 
-
-# -- the server's processes, from /proc ----------------------------------------------------
-
-def proc_stats(pid: int) -> dict:
-    """RSS (bytes), open fds, and CPU seconds (user + system) of one process."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    with open(f"/proc/{pid}/statm") as f:
-        rss = int(f.read().split()[1]) * _PAGE
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return {"pid": pid, "rss": rss, "fds": fds, "cpu": (utime + stime) / _CLK_TCK,
-            "cpu_user": utime / _CLK_TCK, "t": time.monotonic()}
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (a gunicorn master's workers)."""
-    kids: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids.extend(int(k) for k in f.read().split())
-    except FileNotFoundError:
-        pass
-    return sorted(kids)
-
-
-def _sample(pids: list[int]) -> list[dict]:
-    out = []
-    for pid in pids:
-        try:
-            out.append(proc_stats(pid))
-        except (FileNotFoundError, ProcessLookupError):
-            out.append({"pid": pid, "gone": True, "t": time.monotonic()})
-    return out
-
-
-# -- planning --------------------------------------------------------------------------------
-
-def ephemeral_range() -> tuple[int, int]:
-    """The kernel's ephemeral port range (outgoing connections take these)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(x) for x in f.read().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def ephemeral_ports() -> int:
-    low, high = ephemeral_range()
-    return high - low + 1
-
-
-def free_server_port(host: str = "127.0.0.1") -> int:
-    """A free port *below* the ephemeral range, for a server under load: the
-    load client's many outgoing connections take ephemeral ports, and could
-    take the server's between this check and its bind."""
-    low = ephemeral_range()[0]
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def default_per_process() -> int:
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    return max(1, min(19000, hard - _FD_RESERVE))
-
-
-def plan(n: int, host: str, per_process: int, source_addresses: str) -> list[dict]:
-    """Split N into worker shares and pick each worker's source address."""
-    procs = max(1, math.ceil(n / per_process))
-    shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
-    if source_addresses == "auto":
-        loopback = _is_loopback(host) and ":" not in host
-        # Leave a tenth of the ports for everything else on the machine.
-        needed = loopback and n > ephemeral_ports() * 0.9
-        sources = [f"127.0.0.{2 + i}" for i in range(procs)] if needed else [None] * procs
-    elif source_addresses in ("none", ""):
-        sources = [None] * procs
-    else:
-        given = [a.strip() for a in source_addresses.split(",") if a.strip()]
-        sources = [given[i % len(given)] for i in range(procs)]
-    return [{"n": share, "source": src} for share, src in zip(shares, sources, strict=True)]
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _summary(values: list[int]) -> dict:
-    if not values:
-        return {"min": None, "median": None, "max": None, "total": 0}
-    return {"min": min(values), "median": statistics.median(values), "max": max(values),
-            "total": sum(values)}
+__all__ = [
+    "children", "default_per_process", "ephemeral_ports", "ephemeral_range",
+    "format_report", "free_server_port", "heads_over_time", "main", "plan", "proc_stats",
+    "run",
+]
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -230,7 +141,7 @@ def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None 
     rate_each = rate / len(shares) if rate else 0.0
 
     samples: list[list[dict]] = []
-    before = _sample(pids)
+    before = sample(pids)
     t_start = time.monotonic()
     workers = [
         _WorkerProc(i, {"n": s["n"], "source": s["source"], "host": host, "port": port,
@@ -284,16 +195,16 @@ def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None 
                     w.send("mark")
             if phase == "mark" and all(w.marked or w not in live for w in workers):
                 phase = "hold"
-                mark_sample = _sample(pids)
+                mark_sample = sample(pids)
                 hold_end = time.monotonic() + duration
                 if sample_interval:
                     next_sample = time.monotonic() + sample_interval
             if phase == "hold":
                 if now >= next_sample:
-                    samples.append(_sample(pids))
+                    samples.append(sample(pids))
                     next_sample = now + sample_interval
                 if now >= hold_end:
-                    end_sample = _sample(pids)
+                    end_sample = sample(pids)
                     phase = "stop"
                     for w in workers:
                         w.send("stop")
@@ -335,203 +246,11 @@ def run(url: str, n: int, duration: float = 10.0, server_pids: list[int] | None 
         sel.close()
     if progress:
         show(force=True)
-    report = _report(url, n, duration, shares, workers, pids, before, mark_sample, end_sample,
-                     samples, t_start, held_at)
-    report["storm"] = _storm_section(workers, n, storm, t_go)
+    finals = [w.final or w.last for w in workers]
+    server = server_section(pids, finals, before, mark_sample, end_sample, samples)
+    report = build_report(url, n, duration, shares, finals, server, t_start, held_at)
+    report["storm"] = storm_section(finals, n, storm, t_go)
     return report
-
-
-def heads_over_time(times: list[float], t0: float, step: float = 0.01) -> list[list[float]]:
-    """Response heads received by each moment, as ``[seconds since t0, heads]``
-    points: the end of each ``step`` in which heads arrived, the start of each
-    stretch without any, and the origin; a line through them is the curve of
-    hijacked-over-time, kept small at 20,000 heads."""
-    rel = sorted(t - t0 for t in times)
-    if rel and rel[-1] > step * 4000:  # a slow storm: at most ~8000 points
-        step = rel[-1] / 4000
-    points: list[list[float]] = [[0.0, 0]]
-    i = 0
-    while i < len(rel):
-        start = math.floor(rel[i] / step) * step
-        if start > points[-1][0] + step / 2:
-            # No heads since the last point: a flat stretch (a SYN waiting for
-            # its retransmission), so that a line drawn through the points is flat.
-            points.append([round(start, 3), i])
-        edge = start + step
-        while i < len(rel) and rel[i] < edge:
-            i += 1
-        # Each point is the end of a step with heads in it; the last one is the
-        # last head itself, so the curve ends where the storm did.
-        points.append([round(edge if i < len(rel) else rel[-1], 3), i])
-    return points
-
-
-def _storm_section(workers: list[_WorkerProc], n: int, storm: bool,
-                   t_go: float | None) -> dict:
-    """Heads over time from the first connect, and when the last of N got its head."""
-    finals = [w.final or w.last for w in workers]
-    times = [t for f in finals for t in f.get("head_times", [])]
-    firsts = [f["t_first"] for f in finals if f.get("t_first") is not None]
-    t0 = min(firsts) if firsts else t_go
-    if t0 is None:
-        return {"storm": storm, "heads_over_time": [], "time_to_last_head": None,
-                "time_to_all_hijacked": None, "time_to_half": None, "connect_spread": None}
-    rel = sorted(t - t0 for t in times)
-    return {
-        "storm": storm,
-        # How long the client processes took to issue their first connects
-        # after one another (the "at once" of the storm, as measured).
-        "connect_spread": (max(firsts) - min(firsts)) if firsts else None,
-        "heads_over_time": heads_over_time(times, t0),
-        "time_to_half": rel[(n + 1) // 2 - 1] if len(rel) >= (n + 1) // 2 and rel else None,
-        "time_to_last_head": rel[-1] if rel else None,
-        # Every one of the N got its head (was hijacked): when the last did.
-        "time_to_all_hijacked": rel[-1] if rel and len(rel) >= n else None,
-    }
-
-
-def _report(url, n, duration, shares, workers, pids, before, mark_sample, end_sample,
-            samples, t_start, held_at) -> dict:
-    finals = [w.final or w.last for w in workers]
-    total = {k: sum(f.get(k, 0) for f in finals)
-             for k in ("attempts", "opened", "headed", "held", "dropped", "failed", "retries",
-                       "closed_without_answer", "timed_out", "connect_failed")}
-    errors: dict[str, int] = {}
-    for f in finals:
-        for k, v in f.get("errors", {}).items():
-            errors[k] = errors.get(k, 0) + v
-    total["errors"] = errors
-    firsts = [f["t_first"] for f in finals if f.get("t_first") is not None]
-    heads = [f["t_last_head"] for f in finals if f.get("t_last_head") is not None]
-    all_headed = total["headed"] == n
-    t_heads = (max(heads) - min(firsts)) if firsts and heads and all_headed else None
-    window_counts = [c for f in finals for c in f.get("messages_window", [])]
-    total_counts = [c for f in finals for c in f.get("messages_total", [])]
-    window_sum = sum(window_counts)
-    server = []
-    for i, pid in enumerate(pids):
-        b, m, e = (before[i] if i < len(before) else {}), (
-            mark_sample[i] if i < len(mark_sample) else {}), (
-            end_sample[i] if i < len(end_sample) else {})
-        entry: dict = {"pid": pid}
-        if b.get("gone") or m.get("gone") or e.get("gone") or not (b and m and e):
-            entry["gone"] = True
-            server.append(entry)
-            continue
-        held = max(total["held"], 1)
-        cpu_window = e["cpu"] - m["cpu"]
-        entry.update(
-            rss_before=b["rss"], rss_held=m["rss"], rss_end=e["rss"],
-            rss_per_connection=(e["rss"] - b["rss"]) / held,
-            fds_before=b["fds"], fds_held=m["fds"], fds_end=e["fds"],
-            cpu_connect_s=m["cpu"] - b["cpu"],
-            cpu_per_connection_us=(m["cpu"] - b["cpu"]) / held * 1e6,
-            cpu_window_s=cpu_window,
-            cpu_window_user_s=e["cpu_user"] - m["cpu_user"],
-            cpu_per_message_us=(cpu_window / window_sum * 1e6) if window_sum else None,
-        )
-        timeline = [s[i] for s in samples if i < len(s) and not s[i].get("gone")]
-        if timeline:
-            timeline = [m] + timeline + [e]
-            t0 = timeline[0]["t"]
-            entry["timeline"] = [{"t": round(s["t"] - t0, 3), "rss": s["rss"], "fds": s["fds"],
-                                  "cpu": s["cpu"]} for s in timeline]
-            rss = [s["rss"] for s in timeline]
-            fds = [s["fds"] for s in timeline]
-            entry["soak"] = {"rss_min": min(rss), "rss_max": max(rss),
-                             "rss_growth": rss[-1] - rss[0], "fds_min": min(fds),
-                             "fds_max": max(fds)}
-        server.append(entry)
-    return {
-        "url": url,
-        "n": n,
-        "processes": len(shares),
-        "source_addresses": [s["source"] for s in shares],
-        "connections": total,
-        "time_to_all_heads": t_heads,
-        "connect_phase_s": (held_at - t_start) if held_at else None,
-        "hold": {
-            "seconds": duration,
-            "messages_per_connection": _summary(window_counts),
-            "messages_per_connection_total": _summary(total_counts),
-        },
-        "server": server,
-        # Room for a later issue: publish-to-receive latency (min, median, p99, max).
-        "latency": None,
-    }
-
-
-# -- the human-readable table ------------------------------------------------------------------
-
-def _fmt_bytes(b: float | None) -> str:
-    if b is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(b) < 1024 or unit == "GiB":
-            return f"{b:.1f} {unit}" if unit != "B" else f"{b:.0f} B"
-        b /= 1024
-    return str(b)
-
-
-def format_report(r: dict) -> str:
-    c = r["connections"]
-    rows = [
-        ("URL", r["url"]),
-        ("connections asked", f"{r['n']} from {r['processes']} process(es)"
-         + (f", sources {', '.join(s for s in r['source_addresses'] if s)}"
-            if any(r["source_addresses"]) else "")),
-        ("opened (TCP connects)", f"{c['opened']} in {c['attempts']} attempts, "
-         f"{c['retries']} retries"),
-        ("got a response head", str(c["headed"])),
-        ("held at the end", str(c["held"])),
-        ("dropped after the head", str(c["dropped"])),
-        ("failed (gave up)", str(c["failed"])),
-        ("closed without an answer", str(c.get("closed_without_answer", 0))
-         + ("" if r.get("storm", {}).get("storm") else " (each retried)")),
-        ("no head in time / connect failed",
-         f"{c.get('timed_out', 0)} / {c.get('connect_failed', 0)}"),
-        ("time until all got their head",
-         f"{r['time_to_all_heads']:.3f} s" if r["time_to_all_heads"] is not None else "-"),
-    ]
-    st = r.get("storm") or {}
-    if st.get("storm"):
-        rows.append(("storm: time until all were hijacked",
-                     f"{st['time_to_all_hijacked']:.3f} s from the first connect"
-                     if st.get("time_to_all_hijacked") is not None else "- (not all)"))
-        rows.append(("storm: half had their head after",
-                     f"{st['time_to_half']:.3f} s" if st.get("time_to_half") is not None
-                     else "-"))
-    if c["errors"]:
-        rows.append(("errors seen", ", ".join(f"{k} x{v}" for k, v in c["errors"].items())))
-    for label, key in (("messages per connection in the hold window", "messages_per_connection"),
-                       ("messages per connection in total", "messages_per_connection_total")):
-        s = r["hold"][key]
-        rows.append((label, f"min {s['min']}, median {s['median']}, max {s['max']} "
-                            f"(total {s['total']})"))
-    rows.append(("hold window", f"{r['hold']['seconds']:g} s"))
-    for s in r["server"]:
-        p = f"server pid {s['pid']}"
-        if s.get("gone"):
-            rows.append((p, "gone (exited during the run)"))
-            continue
-        rows += [
-            (f"{p} RSS", f"{_fmt_bytes(s['rss_before'])} before, {_fmt_bytes(s['rss_end'])} "
-                         f"held: {s['rss_per_connection']:.0f} B per connection"),
-            (f"{p} fds", f"{s['fds_before']} before, {s['fds_held']} held, {s['fds_end']} end"),
-            (f"{p} CPU", f"{s['cpu_connect_s']:.2f} s connecting "
-                         f"({s['cpu_per_connection_us']:.1f} us/connection), "
-                         f"{s['cpu_window_s']:.2f} s holding"
-             + (f" ({s['cpu_per_message_us']:.2f} us per delivered message)"
-                if s["cpu_per_message_us"] is not None else "")),
-        ]
-        if "soak" in s:
-            k = s["soak"]
-            rows.append((f"{p} soak", f"RSS {_fmt_bytes(k['rss_min'])}..{_fmt_bytes(k['rss_max'])}"
-                                      f" (growth {_fmt_bytes(k['rss_growth'])}), fds "
-                                      f"{k['fds_min']}..{k['fds_max']}"))
-    rows.append(("latency", "not measured yet" if r["latency"] is None else str(r["latency"])))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,7 +260,7 @@ class Worker:
             self.close(fd, conn)
             self.again(conn.tries - 1, exc.errno, now, "closed_without_answer")
             return
-        if not data:  # closed before a whole head: recorded as ECONNRESET, as before
+        if not data:  # closed before a whole head: recorded as a reset (ECONNRESET)
             self.close(fd, conn)
             self.again(conn.tries - 1, errno.ECONNRESET, now, "closed_without_answer")
             return

@@ -28,6 +28,10 @@ a connection only while one more fd fits, so it never meets ``EMFILE``,
 and the others wait in the kernel's listen queue until a slot frees. If
 ``EMFILE`` comes anyway (something else took fds), accepting pauses for a
 moment and one WARNING is logged, at most once a minute.
+
+Slow heads, a storm at the fd limit and a storm behind slow heads, with and
+without the lobby: benchmarks/results/arrival.md; a connect storm of 19,900
+clients: benchmarks/results/storm.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The reactor counts in a plain dict on its hot paths (an int increment per
 event) and this module turns the counts into prometheus-client metrics once a
-second, as deltas: the cost per message or per heartbeat stays what it was.
+second, as deltas: no message or heartbeat calls into prometheus-client.
 
 Several workers: prometheus-client's multiprocess mode. :mod:`wsgi_hijack.gunicorn_conf`
 points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers
@@ -82,7 +82,7 @@ class ReactorMetrics:
         self.held, self.hijacks, self.dropped = m.held, m.hijacks, m.dropped
         self.completed, self.write_run = m.completed, m.write_run
         self.published, self.delivered, self.bus_errors = m.published, m.delivered, m.bus_errors
-        # An earlier reactor's held connections are gone with it.
+        # The held connections of a reactor closed before this one went with it.
         for name in m.protocols:
             self.held.labels(name).set(0)
         self._protocols = m.protocols

@@ -16,6 +16,9 @@
   gunicorn's own ``handle``, which reads the head at once; from the second
   request on, ``keepalive`` keeps its meaning.
 
+The two accept paths side by side, at the fd limit and under slow heads:
+benchmarks/results/arrival.md.
+
 TLS (``certfile``) and the ``gevent_pywsgi`` flavour keep gunicorn's own
 accept path: the lobby looks for the end of a clear-text head.
 """

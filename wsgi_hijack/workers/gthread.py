@@ -17,7 +17,8 @@ from ``gunicorn.workers.gthread.ThreadWorker``:
 What stays gunicorn's: a new connection still occupies a thread for up to
 five seconds while gthread waits for its first bytes, and then waits in
 gthread's own poller; the gevent worker (:mod:`.ggevent`) waits for heads
-without a thread or a greenlet.
+without a thread or a greenlet (both under a storm:
+benchmarks/results/storm.md; at the fd limit: benchmarks/results/arrival.md).
 """
 
 from __future__ import annotations
