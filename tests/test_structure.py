@@ -18,8 +18,6 @@ MAX_LINES = 500
 #: What a protocol (bytes in, bytes out) must not import: it does no I/O.
 PROTOCOLS_MAY_NOT = ("gevent", "socket", "select", "wsgi_hijack.reactor")
 #: Modules over MAX_LINES that are being split on the main branch.
-SPLIT_IN_MAIN = {"wsgi_hijack/reactor/core.py"}
-IN_MAIN = "issue 13: removed in main"
 
 
 def _files() -> list[Path]:
@@ -139,12 +137,7 @@ def _describe(component: list[str], graph: dict[str, dict[str, int]]) -> str:
     return "cycle among " + ", ".join(component) + ":\n" + "\n".join(edges)
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(path, id=str(path.relative_to(ROOT)),
-                 marks=[pytest.mark.xfail(strict=False, reason=IN_MAIN)]
-                 if str(path.relative_to(ROOT)) in SPLIT_IN_MAIN else [])
-    for path in _files()
-])
+@pytest.mark.parametrize("path", _files(), ids=lambda path: str(path.relative_to(ROOT)))
 def test_module_at_most_500_lines(path: Path) -> None:
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, (f"{path.relative_to(ROOT)} has {lines} lines (at most "
@@ -167,14 +160,12 @@ def test_demo_modules_import_one_way() -> None:
     assert "wsgi_hijack.demo" not in graph["wsgi_hijack.demo_ws"]
 
 
-@pytest.mark.xfail(strict=False, reason=IN_MAIN)
 def test_no_import_cycle() -> None:
     graph = import_graph()
     cycles = strongly_connected(graph)
     assert not cycles, "\n".join(_describe(c, graph) for c in cycles)
 
 
-@pytest.mark.xfail(strict=False, reason=IN_MAIN)
 def test_protocols_do_no_io() -> None:
     found = []
     for module in sorted(MODULES):

@@ -289,7 +289,7 @@ class HijackMiddleware:
 
 def _refuse(request: _Request, start_response: StartResponse) -> list[bytes]:
     refusal = request.refusal
-    log.info("hijack refused: %s", refusal.reason)  # counted in stats["refused"]
+    log.info("hijack refused: %s", refusal.reason)  # counted in the reactor's stats, "refused"
     body = (refusal.reason + "\n").encode()
     # The client goes: its fd is for those still arriving (wsgi_hijack.admission).
     closing = request.server.close_after_response() if request.server is not None else []

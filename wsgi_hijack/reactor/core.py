@@ -1,10 +1,13 @@
 """The reactor: one per worker process, holding every hijacked connection.
 
-The life of a held connection, all in this module. Its other jobs are in
-modules of their own: who gets which message (:mod:`.routing`), the fan-out
-loop and its threads (:mod:`.fanout`), timers (:mod:`.timers`), entry from
-other threads (:mod:`.entry`), counting what is held (:mod:`.occupancy`),
-and the process's reactor (:mod:`.process`).
+The life of a held connection, all in this module. The reactor's other
+jobs are in modules of their own: the loop and its timed jobs
+(:mod:`.loop`, :mod:`.timers`), published messages on their way
+(:mod:`.messages`) and who gets which (:mod:`.routing`), heartbeats
+(:mod:`.heartbeats`), the fan-out loop and its threads (:mod:`.fanout`),
+entry from other threads (:mod:`.entry`), counting what is held
+(:mod:`.occupancy`), the counts (:mod:`.stats`), and the process's reactor
+(:mod:`.process`).
 
 1. **handed over** -- :meth:`Reactor.hold`, from any greenlet or OS thread,
    detaches the socket's fd, wraps it in a :class:`Connection` and appends it
@@ -26,7 +29,7 @@ and the process's reactor (:mod:`.process`).
    :func:`.fanout.fan_out`: one loop in C over their fds, and ``_write``
    only for those that have bytes waiting or whose write fell short. A
    one-shot protocol (long-poll) is complete after one delivery, or when its
-   deadline passes (:meth:`Reactor._deadline`, one of the loop's timers,
+   deadline passes (``Reactor._deadline``, one of the loop's timers,
    :mod:`.timers`), and then closes.
 4. **drained** -- :meth:`Reactor._flush` runs when the fd is writable and
    disarms ``EPOLLOUT`` once ``outbuf`` is empty.
@@ -39,7 +42,7 @@ and the process's reactor (:mod:`.process`).
 6. **closed** -- :meth:`Reactor.close` at worker exit writes each protocol's
    goodbye, best effort, and closes every fd.
 
-Everything runs in one greenlet (``_run``) that never blocks: every syscall
+Everything runs in one greenlet (``Loop._run``) that never blocks: every syscall
 on a client fd is non-blocking, and errors are caught per connection.
 """
 
@@ -58,7 +61,7 @@ import gevent
 import gevent.event
 from gevent import monkey
 
-from .. import config, metrics
+from .. import config
 from ..admission import Admission, Refusal
 from ..bus.base import Bus, Event, Message
 from ..connection import Connection, State
@@ -66,9 +69,11 @@ from ..protocols.base import ConnectionDone, Protocol, ProtocolError
 from . import fanout
 from .entry import HubEntry
 from .heartbeats import Heartbeats
+from .loop import Loop
 from .messages import Messages
 from .occupancy import Occupancy
 from .routing import Router
+from .stats import Stats
 from .timers import Timers
 
 log = logging.getLogger("wsgi_hijack.reactor")
@@ -81,12 +86,11 @@ _READ_MASK = EPOLLIN | _select_module.EPOLLRDHUP
 _CLOSED_MASK = _READ_MASK | _select_module.EPOLLHUP | _select_module.EPOLLERR
 _POLL_BATCH = 4096
 _READ_SIZE = 65536
-_METRICS_EVERY = 1.0  # seconds between syncs of the counters into prometheus metrics
 _write = os.write
 _read = os.read
 
 
-class Reactor(Messages):
+class Reactor(Loop, Messages):
     """Holds hijacked connections and writes heartbeats to all of them."""
 
     def __init__(self, heartbeat: float | None = None, max_buffer: int | None = None) -> None:
@@ -113,33 +117,18 @@ class Reactor(Messages):
         #: The bus whose history serves replays; set at start() if not given.
         self.bus: Bus | None = None
         self.occupancy = Occupancy(Admission())
-        self._metrics = metrics.create()
-        self._write_runs: list[float] = []
+        self._stats = Stats()
+        self._counts = self._stats.counts  # incremented on the hot paths
         #: protocol name -> connections held
         self.held_by_protocol: dict[str, int] = {}
         self._epoll: Any = None
         self._greenlet: gevent.Greenlet | None = None
         self._running = False
-        self._counts = {
-            "adopted": 0,
-            "dropped_closed": 0,  # client went away (EOF, reset, write error)
-            "dropped_slow": 0,  # client stopped reading; outbuf passed max_buffer
-            "dropped_protocol": 0,  # client sent what its protocol refuses
-            "dropped_dead": 0,  # peer failed its protocol's liveness check (missed pongs)
-            "completed": 0,  # one-shot responses written and closed
-            "messages": 0,  # messages delivered (each to all its subscribers)
-            "deliveries": 0,  # frames written to subscribers
-            "rounds": 0,
-            "last_write_run": 0.0,
-        }
 
     @property
     def stats(self) -> dict[str, Any]:
         """The reactor's counts, with the admission's and the bus's; any thread."""
-        stats = dict(self._counts, refused=self.occupancy.refused)
-        stats.update(self.bus.counters() if self.bus is not None
-                     else {"published": 0, "bus_errors": 0})
-        return stats
+        return self._stats.snapshot(self.occupancy, self.bus)
 
     @property
     def admission(self) -> Admission:
@@ -270,14 +259,11 @@ class Reactor(Messages):
         return self.occupancy.holding
 
     def admit(self, ip: str | None = None) -> Refusal | None:
-        """May one more connection be held? Thread-safe; None means yes, and
-        then :meth:`admitted_done` must follow once the hijack has ended
-        (held or not)."""
+        """May one more be held? None means yes, and then :meth:`admitted_done`
+        must follow once the hijack has ended; any thread."""
         return self.occupancy.admit(ip)
 
     def admitted_done(self) -> None:
-        """The hijack :meth:`admit` let through has ended: its connection is
-        held (counted in :attr:`holding`) or gone."""
         self.occupancy.admitted_done()
 
     def drop_all(self) -> int:
@@ -291,50 +277,6 @@ class Reactor(Messages):
         for conn in conns:
             self._drop(conn, None)
         return len(conns)
-
-    # -- the loop ----------------------------------------------------------------
-
-    def _run(self) -> None:
-        now = time.monotonic()
-        self._timers.at(now + self.heartbeat_interval, self._beat, now + self.heartbeat_interval)
-        if self._metrics is not None:
-            self._timers.at(now + _METRICS_EVERY, self._sync)
-        while self._running:
-            wake_at = self._timers.next_at()
-            self._wake.wait(None if wake_at is None else max(0.0, wake_at - time.monotonic()))
-            self._wake.clear()
-            if not self._running:
-                break
-            self._guarded(self._adopt)
-            self._guarded(self._deliver)
-            self._guarded(self._poll)
-            for callback, argument in self._timers.due(time.monotonic()):
-                self._guarded(callback, argument)
-
-    def _beat(self, scheduled: float) -> None:
-        """A heartbeat round, then the next: drift-free, but never catching up
-        on rounds missed (a loaded machine gets fewer rounds, not a burst)."""
-        try:
-            self.heartbeat_round()
-        finally:
-            now = time.monotonic()
-            following = max(scheduled + self.heartbeat_interval, now)
-            self._timers.at(following, self._beat, following)
-
-    def _sync(self, _: Any) -> None:
-        try:
-            runs, self._write_runs = self._write_runs, []
-            self._metrics.sync(self.stats, self.held_by_protocol, runs)
-        finally:
-            self._timers.at(time.monotonic() + _METRICS_EVERY, self._sync)
-
-    def _guarded(self, step: Any, *args: Any) -> None:
-        if not self._running:  # closed by a step that yielded to the hub (_poll)
-            return
-        try:
-            step(*args)
-        except Exception:  # nothing may kill the reactor; one bad step is logged
-            log.exception("reactor step %s failed", getattr(step, "__name__", step))
 
     # -- 2. stored ---------------------------------------------------------------
 
@@ -375,12 +317,6 @@ class Reactor(Messages):
         self._heartbeats.stop(conn)
         if conn.fd >= 0 and not conn.outbuf:
             self._drop(conn, "completed")
-
-    def _deadline(self, conn: Connection) -> None:
-        """A one-shot's deadline: its timeout answer, unless it was answered."""
-        if conn.fd >= 0 and not conn.closing:
-            self._write(conn, conn.protocol.timeout(self.delivered_upto))
-            self._finish(conn)
 
     # -- reading, and noticing that the client left -------------------------------
 
@@ -471,17 +407,6 @@ class Reactor(Messages):
         if conn.fd >= 0:
             self._write(conn, data)
 
-    def heartbeat_round(self) -> float:
-        """Write every connection's heartbeat; return the write run's seconds."""
-        elapsed = self._heartbeats.round(self._armed, self._senders, self._write, self._dead)
-        self._counts["rounds"] += 1
-        self._counts["last_write_run"] = elapsed
-        if self._metrics is not None:
-            self._write_runs.append(elapsed)
-        log.info("Number of clients connected: %d, time for entire write run: %.6f s",
-                 len(self._conns), elapsed)
-        return elapsed
-
     # -- 4. drained ------------------------------------------------------------------
 
     def _flush(self, conn: Connection) -> None:
@@ -500,10 +425,6 @@ class Reactor(Messages):
                 return
             self._epoll.modify(conn.fd, _READ_MASK)
             self._armed.discard(conn.fd)
-
-    def _dead(self, conn: Connection, last_words: bytes) -> None:
-        self._counts["dropped_dead"] += 1
-        self.close_connection(conn, last_words)
 
     # -- 5. dropped, 6. closed ----------------------------------------------------------
 

@@ -45,6 +45,7 @@ class Messages:
     _counts: dict[str, Any]
     _armed: set[int]
     _senders: list[fanout.Sender]
+    delivered_upto: int
 
     if TYPE_CHECKING:
         def _write(self, conn: Connection, data: bytes) -> None: ...
@@ -149,3 +150,8 @@ class Messages:
         if conn.protocol.one_shot:
             self._finish(conn)
 
+    def _deadline(self, conn: Connection) -> None:
+        """A one-shot's deadline: its timeout answer, unless it was answered."""
+        if conn.fd >= 0 and not conn.closing:
+            self._write(conn, conn.protocol.timeout(self.delivered_upto))
+            self._finish(conn)
