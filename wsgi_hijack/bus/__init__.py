@@ -14,6 +14,8 @@ object to every subscriber.
 """
 
 from .base import (
+    CHANNEL_RE,
+    EVENT_RE,
     Bus,
     BusUnavailable,
     Counters,
@@ -31,6 +33,6 @@ from .base import (
 from .memory import InProcessBus
 from .process import get_bus, make_bus, publish
 
-__all__ = ["Bus", "BusUnavailable", "Counters", "Dispatch", "Event", "InProcessBus", "Live",
-           "Message", "PublishError", "Replay", "Resync", "check_channel", "check_data",
-           "check_event", "get_bus", "make_bus", "publish"]
+__all__ = ["CHANNEL_RE", "EVENT_RE", "Bus", "BusUnavailable", "Counters", "Dispatch", "Event",
+           "InProcessBus", "Live", "Message", "PublishError", "Replay", "Resync",
+           "check_channel", "check_data", "check_event", "get_bus", "make_bus", "publish"]

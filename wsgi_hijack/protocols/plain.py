@@ -1,8 +1,9 @@
-"""The seed's stream: raw bytes after the head, a fixed line per heartbeat.
+"""A plain stream, as Ruby's double hijack trick writes it: raw bytes after the
+head, a fixed line per heartbeat.
 
 The response is delimited by closing the connection (the head says
 ``Connection: close`` and has no length), which is valid HTTP/1.1 and
-HTTP/1.0, unlike the seed's ``Transfer-Encoding: binary``. A message is its
+HTTP/1.0, unlike the Ruby original's ``Transfer-Encoding: binary``. A message is its
 data and a newline.
 """
 

@@ -6,7 +6,8 @@ bytes. Frames are parsed and built by wsproto_ (``wsproto.connection.
 Connection`` in its low-level server mode and its ``FrameProtocol``); nothing
 here parses frames by hand.
 
-Three kinds of object, so that an idle connection costs almost nothing:
+Three kinds of object, so that an idle connection costs almost nothing
+(benchmarks/results/websocket_latency.md, server RSS per connection):
 
 :class:`WebSocketFramer` -- shared, one per payload format
     Frames a published message once, as an unmasked server text frame, for

@@ -2,7 +2,8 @@
 
 Connections are grouped by their heartbeat bytes (fd -> Connection per
 group), so a round is one C-speed loop per group over its fds
-(:func:`.fanout.fan_out`), never touching a protocol. A protocol's
+(:func:`.fanout.fan_out`), never touching a protocol: that is what keeps a
+round at the floor's CPU per heartbeat (benchmarks/results/results.md). A protocol's
 heartbeat is read once, when its connection is stored, and kept on the
 connection: a protocol whose attribute changes later cannot leave its fd
 behind in a group. Protocols that check that their peer is alive

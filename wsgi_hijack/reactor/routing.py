@@ -130,7 +130,8 @@ class Router:
         #: Id of the last message routed to subscribers.
         self.delivered_upto = delivered_upto
         #: channel -> group key -> fd -> Connection: the attached subscribers,
-        #: grouped so that one frame serves each group (one write loop).
+        #: grouped so that one frame serves each group, written by one loop
+        #: as a heartbeat is (benchmarks/results/sse_latency.md).
         self.subscribers: dict[str, Groups] = {}
         # channel -> confirmations still awaited from the bus (0: live)
         self._channels: dict[str, int] = {}
