@@ -371,7 +371,7 @@ def test_nothing_follows_a_goodbye_that_is_still_waiting(reactor):
         gevent.sleep(0.05)
         backlog = b"".join(b"%06d\n" % i for i in range(5000))
         reactor.write(conn, backlog)
-        reactor.close_connection(conn, CHUNKED.goodbye)  # as on a ConnectionDone
+        reactor.close_connection(conn, CHUNKED.goodbye)  # as on ConnectionDone
         assert conn.closing and conn.outbuf
         reactor.heartbeat_round()
         reactor.dispatch(Message(1, "c", "late", None, time.time()))

@@ -13,6 +13,7 @@ still framed once for all.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,13 +29,14 @@ class ProtocolError(Exception):
         self.goodbye = goodbye
 
 
-class ConnectionDone(Exception):
-    """The conversation ended normally (a close handshake): write ``goodbye``,
-    then close once it is flushed."""
+@dataclass(frozen=True, slots=True)
+class ConnectionDone:
+    """What :meth:`Protocol.receive_data` returns when the conversation ended
+    normally (a close handshake): write ``goodbye``, then close once it is
+    flushed. An event, as h11 and wsproto return one; only a broken protocol
+    is an exception (:class:`ProtocolError`)."""
 
-    def __init__(self, goodbye: bytes = b"") -> None:
-        super().__init__("connection done")
-        self.goodbye = goodbye
+    goodbye: bytes = b""
 
 
 class Protocol:
@@ -61,8 +63,9 @@ class Protocol:
         any of the client's input. A protocol that acts for the app on one
         connection (WebSocket) keeps it; shared ones ignore it."""
 
-    def receive_data(self, data: bytes) -> bytes | None:
-        """The client sent ``data``. Return bytes to answer with, or None.
+    def receive_data(self, data: bytes) -> bytes | ConnectionDone | None:
+        """The client sent ``data``. Return bytes to answer with, None, or
+        :class:`ConnectionDone` when the conversation is over.
 
         Raise :class:`ProtocolError` to have the connection closed.
         """

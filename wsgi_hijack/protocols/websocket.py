@@ -194,10 +194,10 @@ class WebSocketProtocol(Protocol):
             return PING_TIMEOUT
         return None
 
-    def receive_data(self, data: bytes) -> bytes | None:
+    def receive_data(self, data: bytes) -> bytes | ConnectionDone | None:
         try:
             return self._receive(data)
-        except (ProtocolError, ConnectionDone):
+        except ProtocolError:
             raise
         except Exception as exc:  # a bug here or in wsproto: close this one, not the loop
             log.exception("websocket input failed")
@@ -205,7 +205,7 @@ class WebSocketProtocol(Protocol):
             raise ProtocolError(f"websocket internal error: {exc!r}",
                                 close_frame(CloseReason.INTERNAL_ERROR, "internal error")) from exc
 
-    def _receive(self, data: bytes) -> bytes | None:
+    def _receive(self, data: bytes) -> bytes | ConnectionDone | None:
         self._seen = _monotonic()
         ws = self._ws
         if ws is None:
@@ -242,7 +242,7 @@ class WebSocketProtocol(Protocol):
                                         b"".join(out) + close_frame(code, event.reason or ""))
                 # The peer's Close: answer it (same code), then close.
                 out.append(ws.send(event.response()))
-                raise ConnectionDone(b"".join(out))
+                return ConnectionDone(b"".join(out))
             # Pong: nothing to do but remember that the peer is alive (above).
         # A frame whose header announces more than the limit: refuse it now.
         # (Its part already read is in self._size; control frames are at most 125.)

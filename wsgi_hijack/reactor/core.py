@@ -359,16 +359,15 @@ class Reactor(Loop, Messages):
             self._counts["dropped_protocol"] += 1
             self.close_connection(conn, exc.goodbye)
             return
-        except ConnectionDone as done:
-            self.close_connection(conn, done.goodbye)
-            return
         except Exception:  # a protocol's bug costs its connection, never the reactor
             log.exception("protocol %s failed on input; closing fd %d", conn.protocol.name,
                           conn.fd)
             self._counts["dropped_protocol"] += 1
             self._drop(conn, None)
             return
-        if reply:
+        if type(reply) is ConnectionDone:
+            self.close_connection(conn, reply.goodbye)
+        elif reply:
             self._write(conn, reply)
 
     def close_connection(self, conn: Connection, last_words: bytes = b"") -> None:
