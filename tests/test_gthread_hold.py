@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from .conftest import ROOT
+from harness.servers import ROOT
 
 
 def test_gthread_worker_holds_connections_without_monkeypatching(tmp_path):

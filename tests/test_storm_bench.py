@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from .conftest import ROOT
+from harness.servers import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
