@@ -122,6 +122,8 @@ def http_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, dict[str
     with connect(port, f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode(),
                  timeout) as s:
         data = recv_until_closed(s)
+    if not data.startswith(b"HTTP/"):
+        raise Closed(f"GET {path}: no HTTP answer: {data[:300]!r}")
     head, _, body = data.partition(END_OF_HEAD)
     status, headers = parse_head(head)
     return status, headers, body

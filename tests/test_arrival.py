@@ -30,6 +30,7 @@ def arrival(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("worker", ["gevent", "gthread"])
 def test_storm_at_the_fd_limit_is_answered_not_dropped(worker):
     # fd limit 2,000 and reserve 100: 1,900 held. 2,500 clients at once, every
@@ -49,6 +50,7 @@ def test_storm_at_the_fd_limit_is_answered_not_dropped(worker):
     print(f"{worker}: slowest answer {streams['slowest_answer_s']} s after connecting")
 
 
+@pytest.mark.slow
 def test_slow_heads_beside_a_storm_cost_no_greenlet_and_meet_the_deadline():
     r = arrival("slow", "--storm", "1500", "--slow", "1000", "--head-timeout", "12",
                 "--byte-every", "2")
@@ -224,6 +226,7 @@ def test_gunicorns_own_gevent_worker_is_warned_about(start_server):
     assert log.count("gunicorn's own gevent worker bounds the first request head") == 1, log
 
 
+@pytest.mark.slow
 def test_all_scenarios_write_a_table(tmp_path):
     md = tmp_path / "arrival.md"
     r = arrival("all", "--n", "300", "--nofile", "400", "--storm", "300", "--slow", "100",

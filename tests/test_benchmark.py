@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_small_run_writes_table_plots_and_json(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
@@ -68,6 +71,7 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
         assert f"]({png})" in md
 
 
+@pytest.mark.unit
 def test_send_threads_deliver_every_beat_and_drop_the_closed(monkeypatch):
     """WSGI_HIJACK_SEND_THREADS (measured as hijack-threads): same results as one thread."""
     import socket
@@ -108,6 +112,7 @@ def test_send_threads_deliver_every_beat_and_drop_the_closed(monkeypatch):
             peer.close()
 
 
+@pytest.mark.slow
 def test_storm_profile_small_run_names_our_functions():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "profile_storm.py"), "-n", "200",
@@ -120,6 +125,7 @@ def test_storm_profile_small_run_names_our_functions():
     assert "hijack.py" in ours and "(200 calls)" in ours
 
 
+@pytest.mark.slow
 def test_fanout_loop_benchmark_runs_small():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "fanout_loop.py"), "-n", "300",

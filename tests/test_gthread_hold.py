@@ -8,9 +8,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from harness.servers import ROOT
 
 
+@pytest.mark.slow
 def test_gthread_worker_holds_connections_without_monkeypatching(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gthread_hold.py"), "-n", "400",

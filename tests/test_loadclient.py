@@ -85,6 +85,7 @@ def test_refused_connections_fail_after_retries():
     assert c["errors"].get("ECONNREFUSED") == 15
 
 
+@pytest.mark.unit
 def test_plan_spreads_processes_and_source_addresses():
     ports = loadclient.ephemeral_ports()
     big = loadclient.plan(ports + 1000, "127.0.0.1", 19000, "auto")
@@ -172,6 +173,7 @@ def test_storm_counts_clients_closed_without_an_answer():
         server.close()
 
 
+@pytest.mark.unit
 def test_heads_over_time_points():
     curve = loadclient.heads_over_time([10.004, 10.006, 10.3, 10.31, 12.0], 10.0)
     # Ends of 10 ms steps with heads, and the start of each stretch without.

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 
@@ -25,6 +27,8 @@ def _run(script: str, args: list[str], tmp_path: Path, timeout: float) -> dict:
     return report
 
 
+@pytest.mark.slow
+@pytest.mark.redis
 def test_scale_redis_small(tmp_path):
     report = _run("scale_redis.py",
                   ["-n", "300", "--workers", "2", "--messages", "1", "--interval", "0",
@@ -42,6 +46,7 @@ def test_scale_redis_small(tmp_path):
     assert report["ok"]
 
 
+@pytest.mark.slow
 def test_soak_small(tmp_path):
     report = _run("soak.py",
                   ["-n", "200", "--minutes", "2", "--minute-seconds", "30",

@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from harness.servers import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -21,6 +23,7 @@ def _storm_module():
     return module
 
 
+@pytest.mark.slow
 def test_small_storm_against_the_seed_writes_table_json_and_plot(tmp_path):
     n = 300
     # A source block of its own: the full run uses 1, 2, ...
@@ -65,6 +68,7 @@ def test_small_storm_against_the_seed_writes_table_json_and_plot(tmp_path):
     assert (tmp_path / "storm.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.unit
 def test_rounds_alternate_and_runs_get_fresh_sources():
     storm = _storm_module()
     kinds = ["ours", "puma", "gthread", "reuseport"]

@@ -487,6 +487,7 @@ def test_message_queue_overflow_closes_with_1008():
     assert got == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_memory_benchmark_small_run():
     """benchmarks/ws_memory.py end to end at a small N (the 19,900 run is in the README)."""
     import subprocess
@@ -505,6 +506,7 @@ def test_memory_benchmark_small_run():
     assert result["bytes_per_connection"] < 8192, result
 
 
+@pytest.mark.slow
 def test_sse_latency_benchmark_small_run_writes_its_table(tmp_path):
     """``ws_memory.py --sse --out``: the SSE latency table in the repo comes from here."""
     import subprocess
