@@ -3,6 +3,8 @@ and a real browser. Helpers are imported from :mod:`harness`, never from here.""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from harness import servers
@@ -103,3 +105,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_subprocess(request, monkeypatch):
+    """What ``unit`` promises (``pytest -m unit`` on a machine without
+    servers), checked: a unit test that starts a subprocess fails."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"a test marked unit started a subprocess: {args[:1]}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
