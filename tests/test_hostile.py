@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from harness import servers, wire
 from harness.clients import published_id
-from harness.wire import read_until
+from harness.wire import read_until, recv_until_closed
 
 
 def test_protocol_bug_costs_only_its_connection(start_server):
@@ -21,10 +21,7 @@ def test_protocol_bug_costs_only_its_connection(start_server):
         read_until(bad, b"\r\n\r\n")
         read_until(good, b"\r\n\r\n")
         bad.sendall(b"anything")
-        bad.settimeout(5)
-        rest = b""
-        while chunk := bad.recv(4096):  # closed by the reactor
-            rest += chunk
+        recv_until_closed(bad, 5)  # closed by the reactor
         data = read_until(good, b"BEEP\n")
         data = read_until(good, b"BEEP\n", data.replace(b"BEEP\n", b"", 1))
     assert "protocol buggy failed on input" in server.log()
