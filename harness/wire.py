@@ -136,7 +136,3 @@ def get_json(port: int, path: str, timeout: float = 10.0) -> dict:
         raise RuntimeError(f"{path}: {status} {body[:300]!r}")
     return json.loads(body)
 
-
-def sse_ids(data: bytes) -> list[int]:
-    """The ``id:`` of every event in a piece of an event stream, in order."""
-    return [int(line[4:]) for line in data.split(b"\n") if line.startswith(b"id: ")]
