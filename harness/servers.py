@@ -264,6 +264,13 @@ def start(kind: str, log_dir: Path, app: str = "wsgi_hijack:app", args: Sequence
                   env=server_env(heartbeat, root=root, **(env or {})), cwd=cwd, **options)
 
 
+def run_benchmark(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` to its end, as a file from the repository
+    root, the way its docstring tells a user to; output captured as text."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 # What must not be in the log of a server that did its job.
 ERROR_MARKERS = ("Traceback", "[ERROR]", "ERROR:", "Error handling request", " 500 ")
 

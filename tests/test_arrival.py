@@ -10,22 +10,17 @@ from __future__ import annotations
 import json
 import select
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from harness import servers
-from harness.servers import ROOT
+from harness.servers import run_benchmark
 from harness.wire import END_OF_HEAD, read_until, recv_until_closed
-
-ARRIVAL = ROOT / "benchmarks" / "arrival.py"
 
 
 def arrival(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ARRIVAL), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_benchmark("arrival.py", *args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

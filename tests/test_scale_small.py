@@ -7,20 +7,16 @@ received, nothing lost); no timing.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "benchmarks"
+from harness.servers import run_benchmark
 
 
 def _run(script: str, args: list[str], tmp_path: Path, timeout: float) -> dict:
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--json-out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = run_benchmark(script, *args, "--json-out", str(out), timeout=timeout)
     assert out.exists(), proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert proc.returncode == (0 if report["ok"] else 1)

@@ -30,7 +30,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
 from harness.clients import published_id, wait_held
-from harness.servers import assert_clean_log
+from harness.servers import assert_clean_log, run_benchmark
 from harness.wire import read_head
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
@@ -490,15 +490,10 @@ def test_message_queue_overflow_closes_with_1008():
 @pytest.mark.slow
 def test_memory_benchmark_small_run():
     """benchmarks/ws_memory.py end to end at a small N (the 19,900 run is in the README)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ws_memory.py"
-    out = subprocess.run([sys.executable, str(script), "--connections", "300", "--processes",
-                          "2", "--heartbeat", "1", "--messages", "2"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    result = json.loads(out)
+    proc = run_benchmark("ws_memory.py", "--connections", "300", "--processes", "2",
+                         "--heartbeat", "1", "--messages", "2", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
     assert result["connections"] == 300 and result["server_fds_held"] == 300
     assert result["closed_by_server"] == 0
     assert result["deliveries"] == result["deliveries_expected"] == 600
@@ -509,15 +504,10 @@ def test_memory_benchmark_small_run():
 @pytest.mark.slow
 def test_sse_latency_benchmark_small_run_writes_its_table(tmp_path):
     """``ws_memory.py --sse --out``: the SSE latency table in the repo comes from here."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ws_memory.py"
-    subprocess.run([sys.executable, str(script), "--sse", "--connections", "300",
-                    "--processes", "2", "--heartbeat", "1", "--messages", "2",
-                    "--out", str(tmp_path)],
-                   capture_output=True, text=True, timeout=120, check=True)
+    proc = run_benchmark("ws_memory.py", "--sse", "--connections", "300", "--processes", "2",
+                         "--heartbeat", "1", "--messages", "2", "--out", str(tmp_path),
+                         timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "sse_latency.json").read_text())
     assert result["protocol"] == "sse" and result["connections"] == 300
     assert result["deliveries"] == result["deliveries_expected"] == 600
