@@ -44,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from harness import servers, wire  # noqa: E402
 from wsgi_hijack import loadclient  # noqa: E402
 
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -56,43 +57,26 @@ def log(msg: str) -> None:
 
 # -- the server ---------------------------------------------------------------------------
 
+def _metrics_answer(server: servers.Server) -> bool:
+    """Ready once gunicorn has its worker and ``/metrics`` answers."""
+    return bool(server.workers()) and wire.http_get(server.port, "/metrics")[0] > 0
+
+
 class Gunicorn:
-    """The demo under gunicorn with the repository's settings; its worker found in /proc."""
+    """The demo under gunicorn with ``repo``'s settings and code
+    (:mod:`harness.servers`); its worker found in /proc."""
 
     def __init__(self, workdir: Path, nofile: int | None = None, worker: str = "gevent",
                  env: dict | None = None, heartbeat: float = 10.0, repo: Path = REPO) -> None:
-        self.port = loadclient.free_server_port()
-        self.log_path = workdir / f"gunicorn-{self.port}.log"
-        argv = [sys.executable, "-m", "gunicorn", "-c", str(repo / "gunicorn.conf.py"),
-                "-b", f"127.0.0.1:{self.port}", "--no-control-socket", "-k", worker]
-        if worker == "gthread":
-            argv += ["--threads", "4"]
-        argv.append("wsgi_hijack:app")
-        if nofile is not None:
-            argv = ["bash", "-c", f'ulimit -n {nofile} && exec "$@"', "gunicorn", *argv]
-        full_env = dict(os.environ, PYTHONPATH=str(repo), WSGI_HIJACK_HEARTBEAT=str(heartbeat))
-        full_env.pop("GUNICORN_CMD_ARGS", None)
-        full_env.update(env or {})
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=repo, env=full_env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.worker = self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited:\n{self.log()[-3000:]}")
-            kids = loadclient.children(self.proc.pid)  # bash execs gunicorn: same pid
-            if kids:
-                try:
-                    status, _ = http_get(self.port, "/metrics")
-                    if status:
-                        return kids[0]
-                except OSError:
-                    pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gunicorn did not start:\n{self.log()[-3000:]}")
+        args = ["-k", worker] + (["--threads", "4"] if worker == "gthread" else [])
+        # bash execs gunicorn (nofile): the same pid, its child the worker.
+        self.server = servers.start("gunicorn", workdir, args=args, env=env,
+                                    heartbeat=heartbeat, nofile=nofile, root=repo,
+                                    ready=_metrics_answer, timeout=30, stop_timeout=15)
+        self.port = self.server.port
+        self.worker = self.server.workers()[0]
+        self.log = self.server.log
+        self.stop = self.server.stop
 
     def rss(self) -> int:
         return loadclient.proc_stats(self.worker)["rss"]
@@ -104,29 +88,6 @@ class Gunicorn:
             return len(os.listdir(f"/proc/{self.worker}/fd"))
         except FileNotFoundError:
             return None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
-        self._log.close()
-
-
-def http_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
-    return status, data
 
 
 # -- the clients --------------------------------------------------------------------------

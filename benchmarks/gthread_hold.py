@@ -32,23 +32,18 @@ import json
 import math
 import os
 import platform
-import re
 import resource
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-ROUND_RE = re.compile(rb"Number of clients connected: (\d+), time for entire write run: "
-                      rb"([0-9.]+) s")
+sys.path.insert(0, str(REPO))  # run as a file (and imported by gunicorn): the harness
 
+from harness import servers, wire  # noqa: E402
 
 # -- the app gunicorn runs ---------------------------------------------------------------
 
@@ -92,73 +87,32 @@ if os.environ.get("WSGI_HIJACK_GTHREAD_APP") == "1":  # only inside the server
 
 # -- the run ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class GthreadServer(servers.Server):
+    """The app above under one gthread worker (:mod:`harness.servers`); ready
+    once it answers ``/_check``, whose first answer is kept (``check``)."""
 
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _get_json(port: int, path: str, timeout: float = 10.0) -> dict:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    if b" 200 " not in head.split(b"\r\n", 1)[0]:
-        raise RuntimeError(f"{path}: {data[:300]!r}")
-    return json.loads(body)
-
-
-class GthreadServer:
     def __init__(self, heartbeat: float, threads: int, workdir: Path) -> None:
-        self.port = _free_port()
-        self.log_path = workdir / f"gthread-{self.port}.log"
-        env = dict(os.environ, WSGI_HIJACK_HEARTBEAT=str(heartbeat), PYTHONUNBUFFERED="1",
-                   WSGI_HIJACK_GTHREAD_APP="1")
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-        env.pop("GUNICORN_CMD_ARGS", None)
-        self.argv = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
-                     "-k", "gthread", "--threads", str(threads), "-w", "1",
-                     "-b", f"127.0.0.1:{self.port}", "--no-control-socket",
-                     "--pythonpath", str(HERE), "gthread_hold:app"]
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, preexec_fn=_raise_nofile,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.check = _get_json(self.port, "/_check", timeout=2)
-                break
-            except (OSError, RuntimeError, ValueError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gunicorn did not start:\n{self.log()}") from None
-                time.sleep(0.1)
+        self.check: dict = {}
+        port = servers.free_port()
+        argv = servers.argv_for("gunicorn", port, "gthread_hold:app",
+                                ("-k", "gthread", "--threads", str(threads), "-w", "1",
+                                 "--pythonpath", str(HERE)))
+        super().__init__(argv, port, workdir / f"gthread-{port}.log",
+                         env=servers.server_env(heartbeat, WSGI_HIJACK_GTHREAD_APP="1"),
+                         ready=self._checked, timeout=30, stop_timeout=30, raise_fd_limit=True,
+                         name="gunicorn")
         self.worker_pid = self.check["pid"]
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def _checked(self, server: servers.Server) -> bool:
+        try:
+            self.check = wire.get_json(self.port, "/_check", timeout=2)
+        except (RuntimeError, ValueError):
+            return False
+        return True
 
     def rounds(self, at_least: int) -> list[float]:
-        return [float(t) for c, t in ROUND_RE.findall(self.log_path.read_bytes())
+        return [float(t) for c, t in servers.WRITE_RUN_RE.findall(self.log_path.read_bytes())
                 if int(c) >= at_least]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
 
 def run(n: int, hold: float, heartbeat: float, threads: int, out: Path,
@@ -166,7 +120,7 @@ def run(n: int, hold: float, heartbeat: float, threads: int, out: Path,
     from wsgi_hijack import loadclient
 
     out.mkdir(parents=True, exist_ok=True)
-    _raise_nofile()
+    servers.raise_nofile()
     # Several client processes, each well under its fd limit.
     per_process = per_process or max(1, min(9500, math.ceil(n / 2)))
     load_before = os.getloadavg()[0]  # a shared machine makes the timings noisy
@@ -191,7 +145,7 @@ def run(n: int, hold: float, heartbeat: float, threads: int, out: Path,
         # whether anything was monkeypatched.
         while client.is_alive():
             try:
-                check = _get_json(server.port, "/_check", timeout=5)
+                check = wire.get_json(server.port, "/_check", timeout=5)
             except (OSError, RuntimeError, ValueError):
                 check = None
             if check is not None and (not during or check["held"] >= during[-1]["held"]):

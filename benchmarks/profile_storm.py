@@ -14,21 +14,19 @@ counts CPU time (``time.process_time``), not wall time.
 from __future__ import annotations
 
 import argparse
-import os
 import pstats
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from wsgi_hijack import loadclient
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))  # run as a file: the harness, and this tree's wsgi_hijack
+
+from harness import servers  # noqa: E402
+from wsgi_hijack import loadclient  # noqa: E402
 
 PROFILE_CONF = '''
 import cProfile, os, runpy, time
@@ -67,29 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp) / "worker.prof"
         conf = Path(tmp) / "profile.conf.py"
         conf.write_text(PROFILE_CONF.format(conf=str(REPO / "gunicorn.conf.py"), out=str(out)))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = dict(os.environ, WSGI_HIJACK_HEARTBEAT="60")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"127.0.0.1:{port}",
-             "--no-control-socket", "wsgi_hijack:app"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+        server = servers.start("gunicorn", Path(tmp), config=conf, heartbeat=60,
+                               ready=servers.workers_ready(1), timeout=30, stop_timeout=60)
         try:
-            deadline = time.monotonic() + 30
-            while not loadclient.children(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
             time.sleep(1.0)
-            report = loadclient.run(f"http://127.0.0.1:{port}/", args.n, duration=0.5,
-                                    window=args.n, progress=0,
-                                    gunicorn_master=proc.pid)
+            report = loadclient.run(server.url, args.n, duration=0.5, window=args.n, progress=0,
+                                    gunicorn_master=server.proc.pid)
             print(f"storm of {args.n}: all heads in {report['time_to_all_heads']:.2f} s, "
                   f"server CPU {report['server'][0]['cpu_per_connection_us']:.0f} us per "
                   f"connection (profiler on: slower than without)")
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+            server.stop()  # SIGTERM: the worker dumps its profile on the way out
         stats = pstats.Stats(str(out))
         stats.sort_stats("tottime").print_stats(args.top)
         by_where: dict[str, float] = defaultdict(float)

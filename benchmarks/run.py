@@ -41,11 +41,8 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,27 +51,18 @@ import threading
 import time
 from pathlib import Path
 
-from wsgi_hijack import loadclient
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-ROUND_RE = re.compile(rb"Number of clients connected: (\d+), time for entire write run: "
-                      rb"([0-9.]+) s")
+sys.path.insert(0, str(REPO))  # run as a file: the harness, and this tree's wsgi_hijack
+
+from harness import servers  # noqa: E402
+from wsgi_hijack import loadclient  # noqa: E402
+
 DEFAULT_NS = [1000, 2500, 5000, 10000, 15000, 19900]
 # Targets from issue 3.
 TARGET_RSS_BYTES = 700
 TARGET_CPU_VS_FLOOR = 1.15
 TARGET_ROUND_VS_FLOOR = 1.15
-
-
-def free_port() -> int:
-    return loadclient.free_server_port()
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def build_floor(workdir: Path) -> Path:
@@ -86,67 +74,34 @@ def build_floor(workdir: Path) -> Path:
     return exe
 
 
-class Server:
-    """One server under test: started, its worker pid found, its log read, stopped."""
+class Server(servers.Server):
+    """One server under test (:mod:`harness.servers`), with ``pid``: the process
+    measured (gunicorn's worker, or the floor itself)."""
 
     def __init__(self, kind: str, heartbeat: float, workdir: Path, floor_exe: Path | None,
                  threads: int = 1) -> None:
         self.kind = kind
-        self.port = free_port()
-        self.log_path = workdir / f"{kind}-{self.port}.log"
-        env = dict(os.environ, WSGI_HIJACK_HEARTBEAT=str(heartbeat), PYTHONUNBUFFERED="1")
-        bind = f"127.0.0.1:{self.port}"
-        if kind == "hijack-threads":
-            env["WSGI_HIJACK_SEND_THREADS"] = str(threads)
+        port = servers.free_port()
+        extra = {"WSGI_HIJACK_SEND_THREADS": str(threads)} if kind == "hijack-threads" else {}
+        ready = servers.workers_ready(1)
         if kind.startswith("hijack"):
-            cmd = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
-                   "-b", bind, "--no-control-socket", "wsgi_hijack:app"]
+            argv = servers.argv_for("gunicorn", port)
         elif kind == "greenlet":
-            cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "--worker-connections",
-                   "25000", "--backlog", "4096", "--no-control-socket", "--pythonpath",
-                   str(HERE), "-b", bind, "greenlet_baseline:app"]
+            # Run in the repository, like the figures published: gunicorn then
+            # also reads ./gunicorn.conf.py (its hooks; -k gevent still wins).
+            argv = servers.argv_for("gunicorn-plain", port, "greenlet_baseline:app",
+                                    ("--worker-connections", "25000", "--backlog", "4096",
+                                     "--pythonpath", str(HERE)))
         elif kind.startswith("floor"):
             assert floor_exe is not None
-            cmd = [str(floor_exe), str(self.port), str(heartbeat), str(threads)]
+            argv = [str(floor_exe), str(port), str(heartbeat), str(threads)]
+            ready = servers.port_open
         else:
             raise ValueError(kind)
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, preexec_fn=_raise_nofile)
-        self.url = f"http://{bind}/"
-        self.pid = self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited: {self.log_path.read_text()[-2000:]}")
-            pid = self.proc.pid
-            if not self.kind.startswith("floor"):
-                kids = loadclient.children(self.proc.pid)
-                pid = kids[0] if kids else None
-            if pid is not None:
-                try:
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                        return pid
-                except OSError:
-                    pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.kind} did not start: {self.log_path.read_text()[-2000:]}")
-
-    def rounds(self, n: int) -> list[float]:
-        """Write-run seconds of the rounds logged with exactly ``n`` connections."""
-        return [float(t) for c, t in ROUND_RE.findall(self.log_path.read_bytes()) if int(c) == n]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(argv, port, workdir / f"{kind}-{port}.log",
+                         env=servers.server_env(heartbeat, **extra), cwd=REPO, ready=ready,
+                         timeout=30, stop_timeout=30, raise_fd_limit=True, name=kind)
+        self.pid = self.proc.pid if kind.startswith("floor") else self.workers()[0]
 
 
 def measure(kind: str, n: int, args, workdir: Path, floor_exe: Path | None,
@@ -167,7 +122,7 @@ def measure(kind: str, n: int, args, workdir: Path, floor_exe: Path | None,
         report = loadclient.run(server.url, n, duration=duration, server_pids=[server.pid],
                                 window=window, progress=args.progress,
                                 sample_interval=sample_interval)
-        rounds_logged = server.rounds(report["connections"]["held"])
+        rounds_logged = server.write_runs(report["connections"]["held"])
     finally:
         server.stop()
     srv = report["server"][0] if report["server"] else {}
@@ -229,15 +184,15 @@ def side_by_side(n: int, args, workdir: Path, floor_exe: Path | None,
         deadline = time.monotonic() + hold
         # Both fully held: each has logged a round over all N, then one more.
         while time.monotonic() < deadline and not errors:
-            if all(len(srv.rounds(n)) >= 2 for srv in servers.values()):
+            if all(len(srv.write_runs(n)) >= 2 for srv in servers.values()):
                 break
             time.sleep(0.2)
         else:
             raise RuntimeError(f"side by side: not both held N={n}: {errors}")
-        before = {k: (loadclient.proc_stats(srv.pid)["cpu"], len(srv.rounds(n)))
+        before = {k: (loadclient.proc_stats(srv.pid)["cpu"], len(srv.write_runs(n)))
                   for k, srv in servers.items()}
         time.sleep(window_s)
-        after = {k: (loadclient.proc_stats(srv.pid)["cpu"], srv.rounds(n))
+        after = {k: (loadclient.proc_stats(srv.pid)["cpu"], srv.write_runs(n))
                  for k, srv in servers.items()}
         for t in threads:
             t.join()

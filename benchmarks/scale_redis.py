@@ -4,8 +4,8 @@ Issue 5 item 5. One command::
 
     python benchmarks/scale_redis.py -n 70000 --workers 4 --messages 5
 
-starts redis-server (``appendonly yes``, a free port, a temp dir: the tests'
-``RedisServer``) and gunicorn
+starts redis-server (``appendonly yes``, a free port, a temp dir:
+``harness.servers.RedisServer``) and gunicorn
 (``-c gunicorn.conf.py -w 4``, ``WSGI_HIJACK_REDIS_URL`` set, heartbeats every
 30 s so that they stay out of the measurement), opens N SSE connections to
 ``/events?channel=bench`` with the project's load client (its worker,
@@ -49,10 +49,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from run import _raise_nofile, free_port  # noqa: E402
 
-from tests.conftest import RedisServer  # noqa: E402  (redis-server, appendonly yes)
+from harness.servers import (  # noqa: E402
+    RedisServer,
+    Server,
+    argv_for,
+    free_port,
+    server_env,
+)
 from wsgi_hijack import loadclient, loadclient_worker  # noqa: E402
 from wsgi_hijack.loadclient_worker import STREAMING, Worker  # noqa: E402
 
@@ -408,48 +412,38 @@ def socket_fds(pid: int, inodes: set[str]) -> int:
     return n
 
 
-class Gunicorn:
-    """The demo under ``gunicorn -c gunicorn.conf.py -w W``; its workers found via /proc."""
+def every_worker_answers(workers: int):
+    """Ready when gunicorn has all its workers and /metrics answers 4 times
+    per worker (each has its own SO_REUSEPORT listener)."""
+    def ready(server: Server) -> bool:
+        if len(server.workers()) != workers:
+            return False
+        for _ in range(4 * workers):
+            with urllib.request.urlopen(f"{server.url}metrics", timeout=2):
+                pass
+        return True
+    return ready
+
+
+class Gunicorn(Server):
+    """The demo under ``gunicorn -c gunicorn.conf.py -w W`` (:mod:`harness.servers`);
+    its workers (``pids``) found via /proc."""
 
     def __init__(self, workdir: Path, workers: int, redis_url: str | None,
                  heartbeat: float = 30.0, extra_env: dict | None = None) -> None:
-        self.port = free_port()
-        self.workers = workers
-        self.log_path = workdir / f"gunicorn-{self.port}.log"
-        env = dict(os.environ, WSGI_HIJACK_HEARTBEAT=str(heartbeat), PYTHONUNBUFFERED="1",
-                   WSGI_HIJACK_LOG_LEVEL="WARNING", WEB_CONCURRENCY=str(workers))
+        port = free_port()
+        env = server_env(heartbeat, WSGI_HIJACK_LOG_LEVEL="WARNING",
+                         WEB_CONCURRENCY=str(workers))
         env.pop("WSGI_HIJACK_REDIS_URL", None)
         if redis_url:
             env["WSGI_HIJACK_REDIS_URL"] = redis_url
         env.update(extra_env or {})
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
-             "-w", str(workers), "-b", f"127.0.0.1:{self.port}", "--no-control-socket",
-             "wsgi_hijack:app"],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-            preexec_fn=_raise_nofile)
-        self.pids = self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 60.0) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-2000:]}")
-            kids = loadclient.children(self.proc.pid)
-            if len(kids) == self.workers:
-                try:
-                    # Every worker answers (each has its own SO_REUSEPORT listener).
-                    for _ in range(4 * self.workers):
-                        with urllib.request.urlopen(
-                                f"http://127.0.0.1:{self.port}/metrics", timeout=2):
-                            pass
-                    time.sleep(1.0)
-                    return kids
-                except OSError:
-                    pass
-            time.sleep(0.2)
-        raise RuntimeError(f"gunicorn did not start: {self.log_path.read_text()[-2000:]}")
+        super().__init__(argv_for("gunicorn", port, args=("-w", str(workers))), port,
+                         workdir / f"gunicorn-{port}.log", env=env,
+                         ready=every_worker_answers(workers), timeout=60, stop_timeout=60,
+                         raise_fd_limit=True, name="gunicorn")
+        time.sleep(1.0)
+        self.pids = self.workers()
 
     def sample(self) -> list[dict]:
         """Per worker: RSS, fds, and ``held``: its fds that are established TCP
@@ -468,16 +462,6 @@ class Gunicorn:
             method="POST")
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())["id"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def publish_and_measure(publisher: Gunicorn, clients: list[Clients], messages: int,

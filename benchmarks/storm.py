@@ -48,7 +48,6 @@ import platform
 import re
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -57,11 +56,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from wsgi_hijack import loadclient
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SEED_CONFIG = REPO.parent / "shared" / "mission" / "seed_config.ru"
+sys.path.insert(0, str(REPO))  # run as a file: the harness, and this tree's wsgi_hijack
+
+from harness import servers, wire  # noqa: E402
+from harness.servers import SEED_CONFIG  # noqa: E402
+from wsgi_hijack import loadclient  # noqa: E402
+
 KINDS = ("ours", "puma", "gthread", "reuseport")
 LABELS = {"ours": "ours (gevent, 1 worker)", "puma": "the seed on Puma",
           "gthread": "ours, gthread (4 threads)", "reuseport": "ours, 2 workers SO_REUSEPORT"}
@@ -97,12 +99,6 @@ def ensure_tools(kinds: list[str]) -> None:
         apt_install("puma", "ruby-rack")
     if shutil.which("nstat") is None:
         apt_install("iproute2")
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def counters() -> dict[str, int]:
@@ -167,62 +163,43 @@ def version(cmd: list[str]) -> str:
 
 # -- the servers -----------------------------------------------------------------------------
 
-class Server:
-    """One server under test, on a fresh port: started, waited for, measured, stopped."""
+class Server(servers.Server):
+    """One server under test, on a fresh port (:mod:`harness.servers`): started,
+    waited for until every process listens, measured, stopped."""
 
     def __init__(self, kind: str, args: argparse.Namespace, workdir: Path) -> None:
         self.kind = kind
-        self.port = loadclient.free_server_port()
-        self.log_path = workdir / f"{kind}-{self.port}.log"
-        self.workers = 2 if kind == "reuseport" else 1
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        for var in ("GUNICORN_CMD_ARGS", "WEB_CONCURRENCY", "PUMA_MIN_THREADS",
-                    "PUMA_MAX_THREADS", "MIN_THREADS", "MAX_THREADS"):
-            env.pop(var, None)
+        self.worker_count = 2 if kind == "reuseport" else 1
+        self.warm: list[socket.socket] = []
+        port = servers.free_port()
         if kind == "puma":
-            # Single mode: no workers (-w 0, no WEB_CONCURRENCY), and no config
-            # file found by accident: one process, its default backlog (1024)
-            # and threads, as the seed was run.
-            argv = ["puma", "--no-config", "-w", "0", "-b", f"tcp://127.0.0.1:{self.port}",
-                    str(args.seed_config)]
+            # The seed as it was run: single mode, no config file (see argv_for).
+            argv = servers.argv_for("puma", port, str(args.seed_config))
+            env = servers.server_env()
             cwd = args.seed_config.parent
         else:
-            env["WSGI_HIJACK_HEARTBEAT"] = str(args.heartbeat)
-            argv = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
-                    "-b", f"127.0.0.1:{self.port}", "--no-control-socket"]
+            env = servers.server_env(args.heartbeat)
             if kind == "gthread":
-                argv += ["-k", "gthread", "--threads", str(args.threads), "--workers", "1"]
+                extra = ["-k", "gthread", "--threads", str(args.threads), "--workers", "1"]
             elif kind == "reuseport":
                 env["WSGI_HIJACK_ALLOW_LOCAL_BUS"] = "1"
                 env.pop("WSGI_HIJACK_REUSEPORT", None)
-                argv += ["--workers", "2"]
+                extra = ["--workers", "2"]
             else:
-                argv += ["--workers", "1"]
-            argv.append("wsgi_hijack:app")
+                extra = ["--workers", "1"]
+            argv = servers.argv_for("gunicorn", port, args=extra)
             cwd = REPO
-        self.argv = argv
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, preexec_fn=_raise_nofile,
-                                     start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.warm: list[socket.socket] = []
-        self._wait_ready()
+        super().__init__(argv, port, workdir / f"{kind}-{port}.log", env=env, cwd=cwd,
+                         ready=self._listening, timeout=60, stop_timeout=30,
+                         raise_fd_limit=True, name=kind)
 
     def pids(self) -> list[int]:
         """The processes that hold connections: Puma itself, gunicorn's workers."""
-        return [self.proc.pid] if self.kind == "puma" else loadclient.children(self.proc.pid)
+        return [self.proc.pid] if self.kind == "puma" else self.workers()
 
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited:\n{self.log()[-3000:]}")
-            if len(self.pids()) == self.workers and listeners(self.port) >= self.workers:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.kind} did not start:\n{self.log()[-3000:]}")
-            time.sleep(0.1)
+    def _listening(self, server: servers.Server) -> bool:
+        return (len(self.pids()) == self.worker_count
+                and listeners(self.port) >= self.worker_count)
 
     def warm_up(self, n: int) -> None:
         """``n`` clients, answered, so that the first requests' one-off costs
@@ -233,27 +210,19 @@ class Server:
         seed: kept open through the run, because it never drops a client that
         left, and the first dead one in its set ends every later client's
         BEEPs (its flaw), which would spoil the hold that follows."""
-        for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            s.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode())
-            self.warm.append(s)
+        self.warm += wire.open_streams(self.port, n, timeout=10)
         for s in self.warm:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                chunk = s.recv(4096)
-                if not chunk:
-                    raise RuntimeError(f"{self.kind}: warm-up connection closed:\n"
-                                       f"{self.log()[-2000:]}")
-                buf += chunk
-            if b" 200 " not in buf.split(b"\r\n", 1)[0]:
-                raise RuntimeError(f"{self.kind}: warm-up got {buf[:200]!r}")
+            try:
+                head, _ = wire.read_head(s)
+            except wire.Closed:
+                raise RuntimeError(f"{self.kind}: warm-up connection closed:\n"
+                                   f"{self.log()[-2000:]}") from None
+            if b" 200 " not in head.split(b"\r\n", 1)[0]:
+                raise RuntimeError(f"{self.kind}: warm-up got {head[:200]!r}")
         if self.kind != "puma":
             for s in self.warm:
                 s.close()
             self.warm.clear()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def last_rounds(self) -> dict[str, int]:
         """The connection count of each process's last logged write run (the
@@ -268,17 +237,10 @@ class Server:
         found = WORKER_RE.search(self.log())
         return found.group(1) if found else self.kind
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         for s in self.warm:
             s.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+        super().stop(timeout)
 
 
 # -- one storm -------------------------------------------------------------------------------
@@ -595,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if "puma" in kinds and not args.seed_config.is_file():
         ap.error(f"the seed's Rack app is not at {args.seed_config}")
     ensure_tools(kinds)
-    _raise_nofile()
+    servers.raise_nofile()
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="storm-"))
     plan = order_of_rounds(args.pairs, kinds)

@@ -44,8 +44,11 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Run as a file: benchmarks/ for run.py, the repository root for the harness.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from run import Server as BenchServer  # noqa: E402
+
+from harness import wire  # noqa: E402
 
 CHANNEL = "bench"
 
@@ -63,18 +66,10 @@ def _request(port: int, sse: bool = False) -> bytes:
 def _handshake_batch(port: int, n: int, sse: bool = False) -> list[tuple[socket.socket, bytes]]:
     socks = []
     for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=30)
-        s.sendall(_request(port, sse))
-        socks.append(s)
+        socks.append(wire.connect(port, _request(port, sse), timeout=30))
     done = []
     for s in socks:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = s.recv(4096)
-            if not data:
-                raise RuntimeError(f"closed during the handshake: {buf!r}")
-            buf += data
-        head, _, rest = buf.partition(b"\r\n\r\n")
+        head, rest = wire.read_head(s)
         if not head.startswith(b"HTTP/1.1 200" if sse else b"HTTP/1.1 101"):
             raise RuntimeError(f"handshake refused: {head!r}")
         s.setblocking(False)

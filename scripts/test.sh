@@ -26,5 +26,7 @@ fi
 
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test,bench,docs]'
 python3 -m ruff check .
+# Everything, with no marker filter. Subsets (markers in pyproject.toml):
+# -m unit (in-process, seconds), -m "not slow", -m "not redis and not browser and not uwsgi".
 # pytest exits 5 when no test ran; set -e turns that into a failure too.
 python3 -m pytest "$@"

@@ -5,27 +5,21 @@ connection got its response head. Tests SIGKILL it to make clients vanish
 without a FIN handshake from the application.
 """
 
-import socket
 import sys
 import time
+
+sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
+from harness import wire  # noqa: E402
 
 
 def main() -> None:
     port, count, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    socks = []
-    for i in range(count):
-        s = socket.create_connection(("127.0.0.1", port), timeout=20)
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        socks.append(s)
-        if i % 100 == 99:
-            time.sleep(0.01)  # pace the connects: the listen backlog is finite
+    socks = wire.open_streams(port, count, path)
     for s in socks:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = s.recv(4096)
-            if not data:
-                raise SystemExit("server closed a connection before its head")
-            buf += data
+        try:
+            wire.read_head(s)
+        except wire.Closed:
+            raise SystemExit("server closed a connection before its head") from None
     print("ready", flush=True)
     while True:
         time.sleep(60)

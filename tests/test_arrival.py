@@ -10,24 +10,22 @@ from __future__ import annotations
 import json
 import select
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
-from .conftest import ROOT, recv_until_closed
-
-ARRIVAL = ROOT / "benchmarks" / "arrival.py"
+from harness import servers
+from harness.servers import run_benchmark
+from harness.wire import END_OF_HEAD, read_until, recv_until_closed
 
 
 def arrival(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ARRIVAL), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_benchmark("arrival.py", *args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("worker", ["gevent", "gthread"])
 def test_storm_at_the_fd_limit_is_answered_not_dropped(worker):
     # fd limit 2,000 and reserve 100: 1,900 held. 2,500 clients at once, every
@@ -47,6 +45,7 @@ def test_storm_at_the_fd_limit_is_answered_not_dropped(worker):
     print(f"{worker}: slowest answer {streams['slowest_answer_s']} s after connecting")
 
 
+@pytest.mark.slow
 def test_slow_heads_beside_a_storm_cost_no_greenlet_and_meet_the_deadline():
     r = arrival("slow", "--storm", "1500", "--slow", "1000", "--head-timeout", "12",
                 "--byte-every", "2")
@@ -61,13 +60,8 @@ def test_slow_heads_beside_a_storm_cost_no_greenlet_and_meet_the_deadline():
 
 
 def read_head(s: socket.socket) -> bytes:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = s.recv(65536)
-        if not data:
-            break
-        buf += data
-    return buf
+    """The head and what came with it (all there is, if the server closes first)."""
+    return read_until(s, END_OF_HEAD, eof_ok=True)
 
 
 def test_late_heads_get_their_answer_and_keepalive_keeps_its_meaning(start_server):
@@ -176,12 +170,9 @@ def _metric(text: str, result: str) -> float:
 
 
 def test_package_settings_run_the_demo_and_pick_the_lobby_worker(tmp_path):
-    from .conftest import Server, free_port, server_env
-
-    port = free_port()
-    server = Server([sys.executable, "-m", "gunicorn", "-c", "python:wsgi_hijack.gunicorn_conf",
-                     "-b", f"127.0.0.1:{port}", "--no-control-socket", "-k", "gevent",
-                     "wsgi_hijack:app"], port, server_env(0.5), tmp_path)
+    server = servers.start("gunicorn", tmp_path, args=("-k", "gevent"), heartbeat=0.5,
+                           config="python:wsgi_hijack.gunicorn_conf")
+    port = server.port
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -197,15 +188,11 @@ def test_package_settings_run_the_demo_and_pick_the_lobby_worker(tmp_path):
 
 
 def test_settings_that_lose_clients_are_warned_about_once(tmp_path):
-    from .conftest import Server, free_port, server_env
-
-    port = free_port()
-    env = dict(server_env(0.5), WSGI_HIJACK_HEAD_TIMEOUT="5")
-    argv = ["bash", "-c", 'ulimit -Sn 1024 && exec "$@"', "gunicorn",
-            sys.executable, "-m", "gunicorn", "-k", "wsgi_hijack.workers.ggevent.GeventWorker",
-            "--backlog", "100000", "-b", f"127.0.0.1:{port}", "--no-control-socket",
-            "wsgi_hijack:app"]
-    server = Server(argv, port, env, tmp_path, cwd=tmp_path)  # not ./gunicorn.conf.py
+    # No settings file (and not ./gunicorn.conf.py), a soft fd limit of 1024.
+    server = servers.start("gunicorn-plain", tmp_path, heartbeat=0.5, soft_nofile=1024,
+                           args=("-k", "wsgi_hijack.workers.ggevent.GeventWorker",
+                                 "--backlog", "100000"),
+                           env={"WSGI_HIJACK_HEAD_TIMEOUT": "5"})
     try:
         status, _, _ = server.get("/nope")
         assert status == 404
@@ -234,6 +221,7 @@ def test_gunicorns_own_gevent_worker_is_warned_about(start_server):
     assert log.count("gunicorn's own gevent worker bounds the first request head") == 1, log
 
 
+@pytest.mark.slow
 def test_all_scenarios_write_a_table(tmp_path):
     md = tmp_path / "arrival.md"
     r = arrival("all", "--n", "300", "--nofile", "400", "--storm", "300", "--slow", "100",

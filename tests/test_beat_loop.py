@@ -10,12 +10,11 @@ import time
 import gevent
 import pytest
 
+from harness.wire import recv_exactly
 from wsgi_hijack import reactor as reactor_module
 from wsgi_hijack.protocols.plain import PlainStream
 from wsgi_hijack.protocols.sse import ServerSentEvents
 from wsgi_hijack.reactor import fanout
-
-from .test_wire import recv_exactly
 
 # Start no subprocess, need no redis, chromium or uWSGI: `pytest -m unit`.
 pytestmark = pytest.mark.unit

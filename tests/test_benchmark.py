@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+from harness.servers import run_benchmark
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_small_run_writes_table_plots_and_json(tmp_path):
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--ns", "150,300",
-         "--heartbeat", "0.3", "--min-rounds", "3", "--messages", "300", "--threads", "2",
-         "--soak", "1.5", "--repeat", "2", "--side-by-side", "2", "--progress", "0",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark(
+        "run.py", "--ns", "150,300", "--heartbeat", "0.3", "--min-rounds", "3", "--messages",
+        "300", "--threads", "2", "--soak", "1.5", "--repeat", "2", "--side-by-side", "2",
+        "--progress", "0", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     runs = data["results"]
@@ -57,8 +56,10 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
     for kind in ("floor", "hijack"):
         r = together[kind]
         assert (r["held"], r["dropped"]) == (300, 0), kind
-        assert r["rounds"] >= 1 and r["cpu_per_message_us"] > 0 and r["round_s"] > 0, kind
-    assert together["cpu_ratio"] > 0 and together["round_ratio"] > 0
+        # CPU is read in clock ticks: at this N a window's CPU may be under one (0).
+        assert r["rounds"] >= 1 and r["cpu_per_message_us"] >= 0 and r["round_s"] > 0, kind
+    assert together["round_ratio"] > 0
+    assert together["cpu_ratio"] is None or together["cpu_ratio"] >= 0
     assert "## Side by side: floor and hijack at once, 300 each" in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
     for kind in kinds:
@@ -68,6 +69,7 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
         assert f"]({png})" in md
 
 
+@pytest.mark.unit
 def test_send_threads_deliver_every_beat_and_drop_the_closed(monkeypatch):
     """WSGI_HIJACK_SEND_THREADS (measured as hijack-threads): same results as one thread."""
     import socket
@@ -108,10 +110,9 @@ def test_send_threads_deliver_every_beat_and_drop_the_closed(monkeypatch):
             peer.close()
 
 
+@pytest.mark.slow
 def test_storm_profile_small_run_names_our_functions():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "profile_storm.py"), "-n", "200",
-         "--top", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_benchmark("profile_storm.py", "-n", "200", "--top", "5", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "storm of 200: all heads in" in out
@@ -120,10 +121,9 @@ def test_storm_profile_small_run_names_our_functions():
     assert "hijack.py" in ours and "(200 calls)" in ours
 
 
+@pytest.mark.slow
 def test_fanout_loop_benchmark_runs_small():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fanout_loop.py"), "-n", "300",
-         "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_benchmark("fanout_loop.py", "-n", "300", "--rounds", "3", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = dict(line.split(None, 1) for line in proc.stdout.splitlines()
                 if line.startswith(("bare ", "write_each_py ", "write_each_c ")))

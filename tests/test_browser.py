@@ -16,14 +16,11 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from .conftest import assert_clean_log
+from harness.clients import wait_for
+from harness.servers import assert_clean_log
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 APP = "examples.flask_app:app"
 RETRY_MS = 1500  # EventSource's reconnection delay, sent by the server
 
@@ -32,21 +29,6 @@ RETRY_MS = 1500  # EventSource's reconnection delay, sent by the server
 def flask_server(start_server):
     return start_server("gunicorn-plain", app=APP,
                         env={"WSGI_HIJACK_SSE_RETRY": str(RETRY_MS)})
-
-
-@pytest.fixture
-def browser(tmp_path):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=900,700",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(20)
-    yield driver
-    driver.quit()
 
 
 def post(server, path: str, fields: dict | None = None) -> tuple[int, dict]:
@@ -63,17 +45,6 @@ def publish(server, channel: str, data: str) -> int:
     status, body = post(server, "/publish", {"channel": channel, "data": data})
     assert status == 202, body
     return body["id"]
-
-
-def wait_for(condition, what: str, timeout: float = 10):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def feed(driver) -> list[tuple[str, str]]:

@@ -11,26 +11,14 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from .conftest import assert_clean_log
+from harness import wire
+from harness.clients import publish, published_id
+from harness.servers import assert_clean_log
+from harness.wire import read_until
 
 
 def base(server) -> str:
     return f"http://127.0.0.1:{server.port}"
-
-
-def publish(server, channel: str, data: str | bytes, event: str | None = None,
-            headers: dict | None = None) -> httpx.Response:
-    params = {"channel": channel}
-    if event is not None:
-        params["event"] = event
-    return httpx.post(f"{base(server)}/publish", params=params, content=data,
-                      headers=headers or {}, timeout=10)
-
-
-def published_id(server, channel: str, data: str, event: str | None = None) -> int:
-    resp = publish(server, channel, data, event)
-    assert resp.status_code == 202, resp.text
-    return resp.json()["id"]
 
 
 def wait_subscribed(server, held: int, timeout: float = 10) -> None:
@@ -38,20 +26,6 @@ def wait_subscribed(server, held: int, timeout: float = 10) -> None:
     while server.stats()["held"] < held:
         assert time.monotonic() < deadline, server.stats()
         time.sleep(0.02)
-
-
-def raw_get(server, target: str, headers: str = "") -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
-    return s
-
-
-def read_until(s: socket.socket, needle: bytes, buf: bytes = b"") -> bytes:
-    while needle not in buf:
-        data = s.recv(65536)
-        assert data, f"closed before {needle!r}: {buf!r}"
-        buf += data
-    return buf
 
 
 @pytest.fixture
@@ -90,7 +64,7 @@ def test_sse_with_a_third_party_client(server):
 
 
 def test_sse_exact_bytes_on_the_wire(gunicorn):
-    with raw_get(gunicorn, "/events?channel=wire") as s:
+    with wire.request(gunicorn.port, "/events?channel=wire") as s:
         head = read_until(s, b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream")
         wait_subscribed(gunicorn, 1)
@@ -105,15 +79,15 @@ def test_sse_exact_bytes_on_the_wire(gunicorn):
 
 def test_sse_heartbeat_is_a_comment(start_server):
     server = start_server("gunicorn", heartbeat=0.2)
-    with raw_get(server, "/events?channel=hb") as s:
+    with wire.request(server.port, "/events?channel=hb") as s:
         data = read_until(s, b": ping\n\n")
     assert data.endswith(b"retry: 2000\n\n: ping\n\n"), data
 
 
 def test_only_subscribers_of_the_channel_receive(gunicorn):
-    with raw_get(gunicorn, "/events?channel=a") as sa, \
-            raw_get(gunicorn, "/events?channel=b") as sb, \
-            raw_get(gunicorn, "/events?channel=a&channel=b") as sab:
+    with wire.request(gunicorn.port, "/events?channel=a") as sa, \
+            wire.request(gunicorn.port, "/events?channel=b") as sb, \
+            wire.request(gunicorn.port, "/events?channel=a&channel=b") as sab:
         for s in (sa, sb, sab):
             read_until(s, b"retry: 2000\n\n")
         wait_subscribed(gunicorn, 3)
@@ -127,7 +101,7 @@ def test_only_subscribers_of_the_channel_receive(gunicorn):
 
 
 def test_publish_rejects_bad_input_and_publishes_nothing(gunicorn):
-    with raw_get(gunicorn, "/events?channel=ok") as s:
+    with wire.request(gunicorn.port, "/events?channel=ok") as s:
         read_until(s, b"retry: 2000\n\n")
         wait_subscribed(gunicorn, 1)
         before = gunicorn.stats()["messages"]
@@ -181,7 +155,7 @@ def test_subscribe_errors_are_clear_400s(gunicorn):
                            ("/poll?channel=a&since=-1", "since")]:
         status, _, body = gunicorn.get(target)
         assert status == 400 and reason.encode() in body, (target, status, body)
-    with raw_get(gunicorn, "/events?channel=a", "Last-Event-ID: 12x\r\n") as s:
+    with wire.request(gunicorn.port, "/events?channel=a", "Last-Event-ID: 12x\r\n") as s:
         reply = read_until(s, b"\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400"), reply
     assert gunicorn.stats()["held"] == 0
@@ -189,7 +163,7 @@ def test_subscribe_errors_are_clear_400s(gunicorn):
 
 def test_replay_with_last_event_id(gunicorn):
     ids = [published_id(gunicorn, "r", f"m{i}") for i in range(5)]
-    with raw_get(gunicorn, "/events?channel=r", f"Last-Event-ID: {ids[1]}\r\n") as s:
+    with wire.request(gunicorn.port, "/events?channel=r", f"Last-Event-ID: {ids[1]}\r\n") as s:
         data = read_until(s, b"data: m4\n\n")
         wait_subscribed(gunicorn, 1)
         live = published_id(gunicorn, "r", "live")
@@ -202,14 +176,14 @@ def test_replay_with_last_event_id(gunicorn):
 def test_replay_older_than_history_says_gap(start_server):
     server = start_server("gunicorn", heartbeat=5, env={"WSGI_HIJACK_HISTORY_SIZE": "3"})
     ids = [published_id(server, "g", f"m{i}") for i in range(6)]
-    with raw_get(server, "/events?channel=g", f"Last-Event-ID: {ids[0]}\r\n") as s:
+    with wire.request(server.port, "/events?channel=g", f"Last-Event-ID: {ids[0]}\r\n") as s:
         data = read_until(s, b"data: m5\n\n")
     body = data.partition(b"\r\n\r\n")[2].decode()
     gap = f'event: gap\ndata: {{"last_id": {ids[5]}}}\n\n'
     assert body == ("retry: 2000\n\n" + gap
                     + "".join(f"id: {ids[i]}\ndata: m{i}\n\n" for i in (3, 4, 5)))
     # Up to date with the history: no gap.
-    with raw_get(server, "/events?channel=g", f"Last-Event-ID: {ids[2]}\r\n") as s:
+    with wire.request(server.port, "/events?channel=g", f"Last-Event-ID: {ids[2]}\r\n") as s:
         data = read_until(s, b"data: m5\n\n")
     assert b"gap" not in data
 
@@ -223,7 +197,7 @@ def test_replay_while_publishing_gives_each_message_once(gunicorn):
     for k in range(6):
         time.sleep(0.15)
         last = first + k * 40
-        clients.append((last, raw_get(gunicorn, "/events?channel=race",
+        clients.append((last, wire.request(gunicorn.port, "/events?channel=race",
                                       f"Last-Event-ID: {last}\r\n")))
     for last, s in clients:
         with s:
@@ -233,8 +207,8 @@ def test_replay_while_publishing_gives_each_message_once(gunicorn):
 
 
 def test_several_waiting_messages_leave_in_one_write(gunicorn):
-    with raw_get(gunicorn, "/events?channel=batch") as s1, \
-            raw_get(gunicorn, "/events?channel=batch") as s2:
+    with wire.request(gunicorn.port, "/events?channel=batch") as s1, \
+            wire.request(gunicorn.port, "/events?channel=batch") as s2:
         wait_subscribed(gunicorn, 2)
         before = gunicorn.stats()
         status, _, body = gunicorn.get("/_batch?channel=batch&n=5")
@@ -265,7 +239,7 @@ def test_chunked_stream(gunicorn):
 
 
 def test_chunked_stream_raw_framing_and_http10_refused(gunicorn):
-    with raw_get(gunicorn, "/stream?channel=cr") as s:
+    with wire.request(gunicorn.port, "/stream?channel=cr") as s:
         read_until(s, b"\r\n\r\n")
         wait_subscribed(gunicorn, 1)
         published_id(gunicorn, "cr", "héllo")

@@ -5,17 +5,16 @@ monkeypatched, holds every connection and sends each its heartbeats (the
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from .conftest import ROOT
+import pytest
+
+from harness.servers import run_benchmark
 
 
+@pytest.mark.slow
 def test_gthread_worker_holds_connections_without_monkeypatching(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gthread_hold.py"), "-n", "400",
-         "--hold", "2", "--heartbeat", "0.4", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_benchmark("gthread_hold.py", "-n", "400", "--hold", "2", "--heartbeat", "0.4",
+                         "--out", str(tmp_path), timeout=120)
     report = json.loads((tmp_path / "gthread.json").read_text())
     assert proc.returncode == 0, (report["checks"], proc.stdout, proc.stderr[-3000:])
     assert report["connections"]["held"] == 400

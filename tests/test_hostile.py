@@ -10,20 +10,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import Server, free_port, server_env
-from .test_channels import published_id, raw_get, read_until
+from harness import servers, wire
+from harness.clients import published_id
+from harness.wire import read_until, recv_until_closed
 
 
 def test_protocol_bug_costs_only_its_connection(start_server):
     server = start_server("gunicorn", heartbeat=0.3)
-    with raw_get(server, "/_buggy") as bad, raw_get(server, "/") as good:
+    with wire.request(server.port, "/_buggy") as bad, wire.request(server.port, "/") as good:
         read_until(bad, b"\r\n\r\n")
         read_until(good, b"\r\n\r\n")
         bad.sendall(b"anything")
-        bad.settimeout(5)
-        rest = b""
-        while chunk := bad.recv(4096):  # closed by the reactor
-            rest += chunk
+        recv_until_closed(bad, 5)  # closed by the reactor
         data = read_until(good, b"BEEP\n")
         data = read_until(good, b"BEEP\n", data.replace(b"BEEP\n", b"", 1))
     assert "protocol buggy failed on input" in server.log()
@@ -32,8 +30,8 @@ def test_protocol_bug_costs_only_its_connection(start_server):
 
 def test_stream_client_that_talks_is_ignored(start_server):
     server = start_server("gunicorn", heartbeat=5)
-    with raw_get(server, "/events?channel=chatty") as chatty, \
-            raw_get(server, "/events?channel=chatty") as quiet:
+    with wire.request(server.port, "/events?channel=chatty") as chatty, \
+            wire.request(server.port, "/events?channel=chatty") as quiet:
         read_until(chatty, b"retry: 2000\n\n")
         read_until(quiet, b"retry: 2000\n\n")
         junk = b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)) * 4096  # 1 MiB after the hijack
@@ -81,14 +79,8 @@ def test_slow_request_heads_do_not_tie_up_the_worker(start_server):
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    import sys
-
-    from .conftest import ROOT
-
-    port = free_port()
-    server = Server([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-                     "-b", f"127.0.0.1:{port}", "--no-control-socket", "tests.apps:app"],
-                    port, server_env(5), tmp_path_factory.mktemp("fuzz"))
+    server = servers.start("gunicorn", tmp_path_factory.mktemp("fuzz"), app="tests.apps:app",
+                           heartbeat=5)
     yield server
     server.stop()
 
@@ -119,12 +111,7 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server, method, path, query, heade
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
     with socket.create_connection(("127.0.0.1", fuzz_server.port), timeout=10) as s:
         s.sendall(request)
-        head = b""
-        while b"\r\n" not in head:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            head += chunk
+        head = read_until(s, b"\r\n", eof_ok=True)
     assert head.startswith(b"HTTP/1."), (request, head)
     status = int(head.split(b" ", 2)[1])
     assert status < 500, (request, head)

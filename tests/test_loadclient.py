@@ -9,49 +9,20 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from harness import servers
+from harness.servers import free_port
 from wsgi_hijack import loadclient
-
-from .conftest import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def demo(tmp_path):
-    """The demo under gunicorn with a 0.2 s heartbeat: (url, master pid)."""
-    port = free_port()
-    env = dict(os.environ, WSGI_HIJACK_HEARTBEAT="0.2")
-    log = open(tmp_path / "gunicorn.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}",
-         "--no-control-socket", "wsgi_hijack:app"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 20
-        while not loadclient.children(proc.pid):
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "gunicorn.log").read_text()
-            time.sleep(0.05)
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/", proc.pid
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    """The demo under gunicorn with a 0.2 s heartbeat, its worker up: (url, master pid)."""
+    server = servers.start("gunicorn", tmp_path, heartbeat=0.2, ready=servers.workers_ready(1))
+    yield server.url, server.proc.pid
+    server.stop(timeout=15)
 
 
 def test_holds_all_and_reports_server(demo):
@@ -114,6 +85,7 @@ def test_refused_connections_fail_after_retries():
     assert c["errors"].get("ECONNREFUSED") == 15
 
 
+@pytest.mark.unit
 def test_plan_spreads_processes_and_source_addresses():
     ports = loadclient.ephemeral_ports()
     big = loadclient.plan(ports + 1000, "127.0.0.1", 19000, "auto")
@@ -201,6 +173,7 @@ def test_storm_counts_clients_closed_without_an_answer():
         server.close()
 
 
+@pytest.mark.unit
 def test_heads_over_time_points():
     curve = loadclient.heads_over_time([10.004, 10.006, 10.3, 10.31, 12.0], 10.0)
     # Ends of 10 ms steps with heads, and the start of each stretch without.

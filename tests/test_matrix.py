@@ -19,17 +19,13 @@ the README is produced by a test here.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import ROOT, Server, assert_clean_log, free_port, server_env
+from harness.servers import ROOT, Server, assert_clean_log
 
 FRAMEWORKS = {"flask": "Flask", "django": "Django", "pyramid": "Pyramid", "bottle": "Bottle"}
 
@@ -50,61 +46,7 @@ HIJACK, FALLBACK = "SSE", "501"
 MATRIX = {(fw, server): HIJACK if spec[1] else FALLBACK
           for server, spec in SERVERS.items() for fw in FRAMEWORKS}
 
-HEARTBEAT = 0.3
 README = ROOT / "README.rst"
-UWSGI = shutil.which("uwsgi") or (Path(sys.executable).parent / "uwsgi").as_posix()
-
-
-def server_argv(server: str, port: int, app: str = "tests.matrix_app:application") -> list[str]:
-    """How each server is started; the runner-script servers take ``app``
-    from ``MATRIX_APP`` in their environment."""
-    bind = f"127.0.0.1:{port}"
-    gunicorn = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-                "-b", bind, "--no-control-socket", "-w", "1"]
-    if server == "gunicorn-gevent":
-        return [*gunicorn, "-k", "gevent", app]
-    if server == "gunicorn-gthread":
-        return [*gunicorn, "-k", "gthread", "--threads", "4", app]
-    if server == "gunicorn-sync":
-        return [*gunicorn, "-k", "sync", app]
-    if server in ("pywsgi", "werkzeug", "werkzeug-debug", "wsgiref"):
-        return [sys.executable, str(ROOT / "tests" / "matrix_server.py"), server, str(port)]
-    if server.startswith("uwsgi"):
-        if not os.path.exists(UWSGI):
-            # scripts/test.sh installs it (setup.cfg's test extra): missing is a
-            # broken set-up, not a reason to skip a matrix cell.
-            pytest.fail(f"uwsgi not found at {UWSGI}: pip install -e '.[test]'")
-        # --http starts uWSGI's router process in front of the worker: the
-        # worker's fd is a connection to the router, not to the client.
-        listen = "--http" if server == "uwsgi-router" else "--http-socket"
-        return [UWSGI, listen, bind, "--module", app, "--master", "--processes", "1",
-                "--enable-threads", "--die-on-term", "--need-app", "--pythonpath", str(ROOT)]
-    raise ValueError(server)
-
-
-@pytest.fixture
-def serve(tmp_path):
-    """serve(framework, server, app=...) -> Server; stopped after the test."""
-    yield from servers_for(tmp_path)
-
-
-def servers_for(tmp_path: Path):
-    servers: list[Server] = []
-
-    def start(framework: str | None, server: str,
-              app: str = "tests.matrix_app:application") -> Server:
-        port = free_port()
-        env = server_env(HEARTBEAT)
-        env["MATRIX_APP"] = app
-        if framework is not None:
-            env["MATRIX_FRAMEWORK"] = framework
-        srv = Server(server_argv(server, port, app), port, env, tmp_path)
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.stop()
 
 
 def probe(srv: Server) -> dict:
@@ -173,7 +115,8 @@ def fallback_cell(srv: Server, framework: str, server: str) -> str:
     return FALLBACK
 
 
-@pytest.mark.parametrize("server", list(SERVERS))
+@pytest.mark.parametrize("server", [
+    pytest.param(s, marks=pytest.mark.uwsgi) if s.startswith("uwsgi") else s for s in SERVERS])
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_cell(serve, framework, server):
     srv = serve(framework, server)
@@ -205,6 +148,7 @@ def render_table() -> str:
     return "\n".join([rule, line(header), rule, *(line(r) for r in rows), rule])
 
 
+@pytest.mark.unit
 def test_readme_matrix_is_what_the_tests_show():
     text = README.read_text()
     match = re.search(r"\.\. matrix-start\n\n(.*?)\n\n\.\. matrix-end", text, re.S)

@@ -5,21 +5,12 @@ from __future__ import annotations
 import socket
 import time
 
+from harness import wire
+
 
 def get_head(port: int, path: str, source: str | None = None) -> tuple[socket.socket, bytes]:
-    s = socket.socket()
-    if source:
-        s.bind((source, 0))
-    s.settimeout(20)
-    s.connect(("127.0.0.1", port))
-    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = s.recv(4096)
-        if not data:
-            break
-        buf += data
-    return s, buf
+    s = wire.request(port, path, timeout=20, source=source)
+    return s, wire.read_until(s, wire.END_OF_HEAD, eof_ok=True)
 
 
 def test_full_worker_refuses_with_503_and_keeps_serving(start_server):
@@ -189,8 +180,7 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 def test_metrics_sum_over_workers(start_server, redis_server):
     import httpx
 
-    from .test_channels import published_id
-    from .test_redis_bus import open_sse, wait_total_held
+    from harness.clients import open_sse, published_id, wait_total_held
 
     server = start_server("gunicorn", heartbeat=0.3, args=("--workers", "2"),
                           env={"WSGI_HIJACK_REDIS_URL": redis_server.url})

@@ -10,29 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import assert_clean_log
+from harness import wire
+from harness.servers import assert_clean_log
 
 HERE = Path(__file__).parent
 
 
 def open_streams(server, count: int, path: str = "/") -> list[socket.socket]:
-    socks = []
-    for i in range(count):
-        s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        socks.append(s)
-        if i % 100 == 99:
-            time.sleep(0.01)
-    return socks
+    return wire.open_streams(server.port, count, path)
 
 
 def read_head(s: socket.socket) -> bytes:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = s.recv(4096)
-        assert data, "closed before the head"
-        buf += data
-    return buf.partition(b"\r\n\r\n")[2]
+    """The bytes after the head."""
+    return wire.read_head(s)[1]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
 
-from .conftest import assert_clean_log
-from .test_channels import published_id, raw_get, read_until
+from harness import servers, wire
+from harness.clients import open_sse, published_id, wait_total_held
+from harness.servers import assert_clean_log
+from harness.wire import read_until
 
 
 def redis_gunicorn(start_server, redis_server, workers: int = 2, heartbeat: float = 0.5, **kw):
@@ -18,24 +19,6 @@ def redis_gunicorn(start_server, redis_server, workers: int = 2, heartbeat: floa
     # wait until every one of them answers.
     wait_total_held(server, workers, 0, timeout=20)
     return server
-
-
-def open_sse(server, channel: str, count: int, headers: str = "") -> list[socket.socket]:
-    socks = [raw_get(server, f"/events?channel={channel}", headers) for _ in range(count)]
-    for s in socks:
-        read_until(s, b"retry: 2000\n\n")
-    return socks
-
-
-def wait_total_held(server, workers: int, total: int, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    seen: dict[int, int] = {}
-    while time.monotonic() < deadline:
-        stats = server.stats()
-        seen[stats["pid"]] = stats["held"]
-        if len(seen) == workers and sum(seen.values()) >= total:
-            return seen
-    raise AssertionError(f"held {seen}, wanted {total} over {workers} workers")
 
 
 def test_one_publish_reaches_every_worker(start_server, redis_server):
@@ -57,7 +40,7 @@ def test_replay_is_shared_across_workers_and_hosts(start_server, redis_server):
     host_a = redis_gunicorn(start_server, redis_server, workers=1)
     host_b = redis_gunicorn(start_server, redis_server, workers=1)
     ids = [published_id(host_a, "shared", f"m{i}") for i in range(4)]
-    with raw_get(host_b, "/events?channel=shared", f"Last-Event-ID: {ids[0]}\r\n") as s:
+    with wire.request(host_b.port, "/events?channel=shared", f"Last-Event-ID: {ids[0]}\r\n") as s:
         data = read_until(s, b"data: m3\n\n")
         body = data.partition(b"\r\n\r\n")[2].decode()
         assert body == "retry: 2000\n\n" + "".join(
@@ -72,7 +55,7 @@ def test_history_trim_in_redis_reports_gap(start_server, redis_server):
     server = redis_gunicorn(start_server, redis_server, workers=1,
                             WSGI_HIJACK_HISTORY_SIZE="2")
     ids = [published_id(server, "trim", f"m{i}") for i in range(5)]
-    with raw_get(server, "/events?channel=trim", f"Last-Event-ID: {ids[0]}\r\n") as s:
+    with wire.request(server.port, "/events?channel=trim", f"Last-Event-ID: {ids[0]}\r\n") as s:
         data = read_until(s, b"data: m4\n\n")
     body = data.partition(b"\r\n\r\n")[2].decode()
     assert body.startswith("retry: 2000\n\nevent: gap\n"), body
@@ -81,17 +64,13 @@ def test_history_trim_in_redis_reports_gap(start_server, redis_server):
 
 def test_two_workers_without_a_cross_worker_bus_refuse_to_start(tmp_path):
     import subprocess
-    import sys
 
-    from .conftest import ROOT, free_port, server_env
-
-    env = server_env(1)
+    env = servers.server_env(1)
     env.pop("WSGI_HIJACK_REDIS_URL", None)
     env.pop("WSGI_HIJACK_ALLOW_LOCAL_BUS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "-w", "2",
-         "-b", f"127.0.0.1:{free_port()}", "--no-control-socket", "wsgi_hijack:app"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    argv = servers.argv_for("gunicorn", servers.free_port(), args=("-w", "2"))
+    proc = subprocess.run(argv, cwd=servers.ROOT, env=env, capture_output=True, text=True,
+                          timeout=30)
     assert proc.returncode != 0
     assert "need a cross-worker bus" in proc.stderr + proc.stdout
 
@@ -131,7 +110,7 @@ def test_redis_outage(start_server, redis_server):
         data = read_until(s, b"data: after\n\n")
         assert b"during" not in data
     # Replay still covers what was published before the outage.
-    with raw_get(server, "/events?channel=out", f"Last-Event-ID: {before - 1}\r\n") as s:
+    with wire.request(server.port, "/events?channel=out", f"Last-Event-ID: {before - 1}\r\n") as s:
         data = read_until(s, b"data: after\n\n")
     assert f"id: {before}\ndata: before\n\n".encode() in data
     log = server.log()

@@ -7,24 +7,24 @@ received, nothing lost); no timing.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "benchmarks"
+import pytest
+
+from harness.servers import run_benchmark
 
 
 def _run(script: str, args: list[str], tmp_path: Path, timeout: float) -> dict:
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--json-out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = run_benchmark(script, *args, "--json-out", str(out), timeout=timeout)
     assert out.exists(), proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert proc.returncode == (0 if report["ok"] else 1)
     return report
 
 
+@pytest.mark.slow
+@pytest.mark.redis
 def test_scale_redis_small(tmp_path):
     report = _run("scale_redis.py",
                   ["-n", "300", "--workers", "2", "--messages", "1", "--interval", "0",
@@ -42,6 +42,7 @@ def test_scale_redis_small(tmp_path):
     assert report["ok"]
 
 
+@pytest.mark.slow
 def test_soak_small(tmp_path):
     report = _run("soak.py",
                   ["-n", "200", "--minutes", "2", "--minute-seconds", "30",

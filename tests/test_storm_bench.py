@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 
-from .conftest import ROOT
+import pytest
+
+from harness.servers import ROOT, run_benchmark
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -21,14 +21,13 @@ def _storm_module():
     return module
 
 
+@pytest.mark.slow
 def test_small_storm_against_the_seed_writes_table_json_and_plot(tmp_path):
     n = 300
     # A source block of its own: the full run uses 1, 2, ...
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "storm.py"), "--n", str(n), "--pairs", "1",
-         "--hold", "1", "--warmup", "5", "--progress", "0", "--source-block", "200",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("storm.py", "--n", str(n), "--pairs", "1", "--hold", "1", "--warmup",
+                         "5", "--progress", "0", "--source-block", "200", "--out", str(tmp_path),
+                         timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[storm" in proc.stderr  # progress on stderr
     data = json.loads((tmp_path / "storm.json").read_text())
@@ -65,6 +64,7 @@ def test_small_storm_against_the_seed_writes_table_json_and_plot(tmp_path):
     assert (tmp_path / "storm.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.unit
 def test_rounds_alternate_and_runs_get_fresh_sources():
     storm = _storm_module()
     kinds = ["ours", "puma", "gthread", "reuseport"]

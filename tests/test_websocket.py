@@ -29,27 +29,15 @@ from wsproto.connection import ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
-from .conftest import assert_clean_log
+from harness.clients import published_id, wait_held
+from harness.servers import assert_clean_log, run_benchmark
+from harness.wire import read_head
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 
 
 def ws_url(server, path: str) -> str:
     return f"ws://127.0.0.1:{server.port}{path}"
-
-
-def publish(server, channel: str, data: str) -> int:
-    resp = httpx.post(f"http://127.0.0.1:{server.port}/publish", params={"channel": channel},
-                      content=data.encode(), timeout=10)
-    assert resp.status_code == 202, resp.text
-    return resp.json()["id"]
-
-
-def wait_held(server, held: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while server.stats()["held"] != held:
-        assert time.monotonic() < deadline, (held, server.stats()["held"], server.stats())
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -68,12 +56,7 @@ def handshake(server, path: str, headers: str = "", key: str = KEY,
     s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                f"{vline}{headers}\r\n").encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = s.recv(65536)
-        assert data, buf
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
+    head, rest = read_head(s)
     status, head = int(head.split()[1]), head.decode("latin-1")
     if status != 101:  # read the body that says why
         length = int(head.lower().partition("content-length:")[2].split()[0])
@@ -156,7 +139,7 @@ def test_chat_with_the_websockets_library(gunicorn):
             assert got["data"] == "hello from a ✓" and got["channel"] == "room", got
         first_id = got["id"]
         # A message published over HTTP reaches both, framed once for both.
-        second_id = publish(gunicorn, "room", "from POST /publish")
+        second_id = published_id(gunicorn, "room", "from POST /publish")
         for client in (a, b):
             got = json.loads(client.recv(timeout=5))
             assert got == {"id": second_id, "channel": "room", "event": None,
@@ -165,7 +148,7 @@ def test_chat_with_the_websockets_library(gunicorn):
         a.send(b"\x00binary")
         assert "binary" in json.loads(a.recv(timeout=5))["error"]
     # A client that reconnects with last_id gets what it missed.
-    third = publish(gunicorn, "room", "while away")
+    third = published_id(gunicorn, "room", "while away")
     with connect(ws_url(gunicorn, f"/ws?channel=room&last_id={second_id}")) as c:
         assert json.loads(c.recv(timeout=5))["id"] == third
     assert_clean_log(gunicorn)
@@ -178,7 +161,7 @@ def test_echo_and_channel_on_each_gevent_server(server):
         wait_held(server, 1)
         ws.send("ping?")
         assert ws.recv(timeout=5) == "ping?"
-        publish(server, "both", "on the channel")
+        published_id(server, "both", "on the channel")
         assert json.loads(ws.recv(timeout=5))["data"] == "on the channel"
     wait_held(server, 0)
     assert_clean_log(server)
@@ -327,7 +310,7 @@ def test_callbacks_slow_or_failing_never_stall_the_reactor(gunicorn):
         slow.send("boom")  # then raises
         slow.send("after")
         start = time.monotonic()
-        publish(gunicorn, "fast", "not stalled")
+        published_id(gunicorn, "fast", "not stalled")
         assert json.loads(fast.recv(timeout=5))["data"] == "not stalled"
         assert time.monotonic() - start < 1
         assert slow.recv(timeout=5) == "slow"
@@ -419,7 +402,7 @@ def test_slow_reader_is_dropped_like_other_protocols(start_server):
         thread = threading.Thread(target=read)
         thread.start()
         for _ in range(200):
-            publish(server, "flood", big)
+            published_id(server, "flood", big)
             if server.stats()["dropped_slow"]:
                 break
         assert server.stats()["dropped_slow"] == 1
@@ -505,17 +488,13 @@ def test_message_queue_overflow_closes_with_1008():
     assert got == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_memory_benchmark_small_run():
     """benchmarks/ws_memory.py end to end at a small N (the 19,900 run: docs/benchmarks.rst)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ws_memory.py"
-    out = subprocess.run([sys.executable, str(script), "--connections", "300", "--processes",
-                          "2", "--heartbeat", "1", "--messages", "2"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    result = json.loads(out)
+    proc = run_benchmark("ws_memory.py", "--connections", "300", "--processes", "2",
+                         "--heartbeat", "1", "--messages", "2", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
     assert result["connections"] == 300 and result["server_fds_held"] == 300
     assert result["closed_by_server"] == 0
     assert result["deliveries"] == result["deliveries_expected"] == 600
@@ -523,17 +502,13 @@ def test_memory_benchmark_small_run():
     assert result["bytes_per_connection"] < 8192, result
 
 
+@pytest.mark.slow
 def test_sse_latency_benchmark_small_run_writes_its_table(tmp_path):
     """``ws_memory.py --sse --out``: the SSE latency table in the repo comes from here."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ws_memory.py"
-    subprocess.run([sys.executable, str(script), "--sse", "--connections", "300",
-                    "--processes", "2", "--heartbeat", "1", "--messages", "2",
-                    "--out", str(tmp_path)],
-                   capture_output=True, text=True, timeout=120, check=True)
+    proc = run_benchmark("ws_memory.py", "--sse", "--connections", "300", "--processes", "2",
+                         "--heartbeat", "1", "--messages", "2", "--out", str(tmp_path),
+                         timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "sse_latency.json").read_text())
     assert result["protocol"] == "sse" and result["connections"] == 300
     assert result["deliveries"] == result["deliveries_expected"] == 600

@@ -1,6 +1,6 @@
 """The demo's WebSocket chat in a real browser: Debian's headless chromium via selenium.
 
-Reuses tests/test_browser.py's ``browser`` fixture (chromium and chromedriver
+Uses the ``browser`` fixture of tests/conftest.py (chromium and chromedriver,
 installed by ``scripts/test.sh``). The page (``/ws-page`` in tests/apps.py)
 opens ``/ws?channel=browser`` with the browser's own ``WebSocket``.
 """
@@ -12,9 +12,8 @@ import json
 from selenium.webdriver.common.by import By
 from websockets.sync.client import connect
 
-from .conftest import assert_clean_log
-from .test_browser import browser, wait_for  # noqa: F401  (a fixture, reused)
-from .test_websocket import publish, wait_held
+from harness.clients import published_id, wait_for, wait_held
+from harness.servers import assert_clean_log
 
 
 def feed(driver) -> list[dict]:
@@ -25,14 +24,14 @@ def state(driver) -> str:
     return driver.find_element(By.ID, "state").text
 
 
-def test_browser_chat_over_websocket(start_server, browser):  # noqa: F811
+def test_browser_chat_over_websocket(start_server, browser):
     server = start_server("gunicorn", heartbeat=0.5,
                           env={"WSGI_HIJACK_WS_PONG_TIMEOUT": "2"})
     browser.get(f"http://127.0.0.1:{server.port}/ws-page")
     wait_for(lambda: state(browser) == "open", "the page's WebSocket to open")
     with connect(f"ws://127.0.0.1:{server.port}/ws?channel=browser") as other:
         wait_held(server, 2)
-        first = publish(server, "browser", "from POST <b>/publish</b> ✓")
+        first = published_id(server, "browser", "from POST <b>/publish</b> ✓")
         wait_for(lambda: [m["id"] for m in feed(browser)] == [first], "the published message")
         assert feed(browser)[0]["data"] == "from POST <b>/publish</b> ✓"
         # Text the page sends is published to the channel (loopback may publish).

@@ -5,25 +5,12 @@ from __future__ import annotations
 import socket
 import time
 
-from .conftest import assert_clean_log
+from harness import wire
+from harness.servers import assert_clean_log
+from harness.wire import recv_exactly
 
 DEMO_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: no-cache\r\n"
              b"Connection: close\r\n\r\n")
-
-
-def connect(server, request: bytes) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    s.sendall(request)
-    return s
-
-
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        data = s.recv(n - len(buf))
-        assert data, f"connection closed after {buf!r}"
-        buf += data
-    return buf
 
 
 def recv_beeps(s: socket.socket, count: int = 1, timeout: float = 10) -> bytes:
@@ -38,7 +25,7 @@ def recv_beeps(s: socket.socket, count: int = 1, timeout: float = 10) -> bytes:
 
 
 def test_demo_bytes_are_exactly_head_then_beeps(server):
-    s = connect(server, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    s = wire.connect(server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
     with s:
         data = recv_beeps(s, 3)
     assert data.startswith(DEMO_HEAD), data
@@ -53,7 +40,7 @@ def test_demo_bytes_are_exactly_head_then_beeps(server):
 def test_plain_gunicorn_command_line_works(start_server):
     # `gunicorn -k gevent wsgi_hijack:app`, no config file at all.
     server = start_server("gunicorn-plain", app="wsgi_hijack:app", heartbeat=0.3)
-    with connect(server, b"GET / HTTP/1.0\r\n\r\n") as s:
+    with wire.connect(server.port, b"GET / HTTP/1.0\r\n\r\n") as s:
         data = recv_beeps(s)
     assert data.startswith(DEMO_HEAD) and data.endswith(b"BEEP\n"), data
     assert_clean_log(server)
@@ -61,12 +48,12 @@ def test_plain_gunicorn_command_line_works(start_server):
 
 def test_demo_routes(server):
     assert server.get("/nope")[0] == 404
-    with connect(server, b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n") as s:
+    with wire.connect(server.port, b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n") as s:
         s.settimeout(5)
         reply = s.recv(4096)
     assert reply.split(b" ", 2)[1] == b"405", reply
     assert b"Allow: GET, HEAD" in reply
-    with connect(server, b"HEAD / HTTP/1.0\r\n\r\n") as s:
+    with wire.connect(server.port, b"HEAD / HTTP/1.0\r\n\r\n") as s:
         s.settimeout(5)
         reply = s.recv(4096)
     assert reply.split(b" ", 2)[1] == b"200" and reply.endswith(b"\r\n\r\n"), reply
@@ -75,7 +62,7 @@ def test_demo_routes(server):
 def test_partial_hijack_through_wrapping_middleware(server):
     # The inner middleware adds a header via start_response and wraps the body:
     # the head written must carry its header, and nothing else may follow.
-    with connect(server, b"GET /wrapped HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+    with wire.connect(server.port, b"GET /wrapped HTTP/1.1\r\nHost: x\r\n\r\n") as s:
         data = recv_beeps(s)
     head, _, rest = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -87,7 +74,8 @@ def test_partial_hijack_through_wrapping_middleware(server):
 def test_full_hijack_gets_bytes_sent_behind_the_head(server):
     # The client sends the request and more bytes in one segment: the server
     # reads them with the head, and the hijacked socket must still yield them.
-    with connect(server, b"GET /echo-full HTTP/1.1\r\nHost: x\r\n\r\npipelined-bytes") as s:
+    with wire.connect(server.port,
+                      b"GET /echo-full HTTP/1.1\r\nHost: x\r\n\r\npipelined-bytes") as s:
         head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                 b"Connection: close\r\n\r\n")
         assert recv_exactly(s, len(head)) == head
@@ -101,7 +89,7 @@ def test_full_hijack_gets_bytes_sent_behind_the_head(server):
 
 
 def test_partial_hijack_gets_bytes_sent_behind_the_head(server):
-    with connect(server, b"GET /echo-partial HTTP/1.1\r\nHost: x\r\n\r\nearly") as s:
+    with wire.connect(server.port, b"GET /echo-partial HTTP/1.1\r\nHost: x\r\n\r\nearly") as s:
         head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                 b"Connection: close\r\nX-Partial: yes\r\n\r\n")
         assert recv_exactly(s, len(head)) == head
@@ -115,7 +103,7 @@ def test_hijack_handed_over_from_an_os_thread(start_server):
     # Heartbeat 60 s: if the handover waited for the reactor's next round
     # instead of waking the hub, "from-thread" would not come for a minute.
     server = start_server("gunicorn", heartbeat=60)
-    with connect(server, b"GET /thread HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+    with wire.connect(server.port, b"GET /thread HTTP/1.1\r\nHost: x\r\n\r\n") as s:
         s.settimeout(10)
         data = b""
         while b"from-thread\n" not in data:
@@ -131,7 +119,7 @@ def test_hijack_handed_over_from_an_os_thread(start_server):
 def test_pipelined_second_request_is_not_answered_by_the_server(server):
     # A keep-alive server would parse this as a second request and answer it.
     req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-    with connect(server, req + req) as s:
+    with wire.connect(server.port, req + req) as s:
         data = recv_beeps(s, 2)
     assert data.count(b"HTTP/1.1") == 1, data
     assert_clean_log(server)
@@ -147,7 +135,7 @@ def test_reactor_starts_in_each_worker_after_fork(start_server):
         pids.add(server.stats()["pid"])
         if len(pids) == 2:
             break
-    socks = [connect(server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(20)]
+    socks = [wire.connect(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(20)]
     for s in socks:
         with s:
             data = recv_beeps(s)
@@ -164,7 +152,7 @@ def test_reactor_starts_in_each_worker_after_fork(start_server):
 
 
 def test_partial_hijack_registered_before_start_response(server):
-    with connect(server, b"GET /framework HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+    with wire.connect(server.port, b"GET /framework HTTP/1.1\r\nHost: x\r\n\r\n") as s:
         data = recv_beeps(s)
     assert data.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                            b"Connection: close\r\n\r\nBEEP\n"), data
@@ -174,7 +162,7 @@ def test_partial_hijack_registered_before_start_response(server):
 def test_partial_hijack_without_a_head_is_a_clear_500(server):
     # The app's bug surfaces as the server's own 500 with our message in its
     # log; the connection was never taken, so the server can still answer.
-    with connect(server, b"GET /no-head HTTP/1.0\r\n\r\n") as s:
+    with wire.connect(server.port, b"GET /no-head HTTP/1.0\r\n\r\n") as s:
         s.settimeout(5)
         data = s.recv(4096)
     assert data.split(b" ", 2)[1] == b"500", data

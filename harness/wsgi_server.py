@@ -1,22 +1,24 @@
-"""Serve tests.matrix_app (or ``MATRIX_APP``, ``module:name``) on a server that
-has no command line of its own:
-``python tests/matrix_server.py pywsgi|werkzeug|werkzeug-debug|wsgiref PORT``."""
+"""Serve a WSGI app on a Python server that has no command line of its own:
+``python harness/wsgi_server.py pywsgi|werkzeug|werkzeug-debug|wsgiref PORT MODULE:APP``.
 
-import importlib
-import os
+Run as a file (by :func:`harness.servers.start`), so that for ``pywsgi`` gevent
+patches the standard library before anything else is imported.
+"""
+
 import sys
 
-kind, port = sys.argv[1], int(sys.argv[2])
+kind, port, target = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if kind == "pywsgi":  # a gevent server: patch before anything else is imported
     from gevent import monkey
 
     monkey.patch_all()
 
+import importlib  # noqa: E402
 import logging  # noqa: E402
 
 logging.basicConfig(level=logging.INFO)
-sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
-_module, _name = os.environ.get("MATRIX_APP", "tests.matrix_app:application").split(":")
+sys.path.insert(0, __file__.rsplit("/harness/", 1)[0])
+_module, _name = target.split(":")
 application = getattr(importlib.import_module(_module), _name)
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""What a test does as a client of a running server: publish on the channel
+endpoints of the demo and the test apps (``POST /publish``, ``GET /events``),
+and wait until the server (``/_stats``) or anything else gets where it should.
+
+``server`` is anything with a ``port`` (and, for the waits, ``stats()``):
+a :class:`harness.servers.Server`.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+
+from . import wire
+
+
+def publish(server, channel: str, data: str | bytes, event: str | None = None,
+            headers: dict | None = None) -> httpx.Response:
+    """``POST /publish?channel=...`` with ``data`` as the body; the response as is."""
+    params = {"channel": channel}
+    if event is not None:
+        params["event"] = event
+    return httpx.post(f"http://{wire.HOST}:{server.port}/publish", params=params, content=data,
+                      headers=headers or {}, timeout=10)
+
+
+def published_id(server, channel: str, data: str, event: str | None = None) -> int:
+    """Publish, insist on ``202 Accepted``, and return the message's id."""
+    resp = publish(server, channel, data, event)
+    assert resp.status_code == 202, resp.text
+    return resp.json()["id"]
+
+
+def open_sse(server, channel: str, count: int, headers: str = "") -> list[socket.socket]:
+    """``count`` raw SSE subscribers of ``channel``, each past its ``retry:`` hint
+    (so each is held by the time this returns)."""
+    socks = [wire.request(server.port, f"/events?channel={channel}", headers)
+             for _ in range(count)]
+    for s in socks:
+        wire.read_until(s, b"retry: 2000\n\n")
+    return socks
+
+
+def wait_held(server, held: int, timeout: float = 10) -> None:
+    """Wait until the worker holds exactly ``held`` connections."""
+    deadline = time.monotonic() + timeout
+    while server.stats()["held"] != held:
+        assert time.monotonic() < deadline, (held, server.stats()["held"], server.stats())
+        time.sleep(0.02)
+
+
+def wait_total_held(server, workers: int, total: int, timeout: float = 10) -> dict:
+    """Ask ``/_stats`` until all ``workers`` (told apart by pid: SO_REUSEPORT
+    picks one per connection) have answered and hold ``total`` or more in all;
+    returns held per worker pid."""
+    deadline = time.monotonic() + timeout
+    seen: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        stats = server.stats()
+        seen[stats["pid"]] = stats["held"]
+        if len(seen) == workers and sum(seen.values()) >= total:
+            return seen
+    raise AssertionError(f"held {seen}, wanted {total} over {workers} workers")
+
+
+def wait_for(condition, what: str, timeout: float = 10):
+    """Poll ``condition()`` every 50 ms until it is truthy, and return its value;
+    an ``AssertionError`` naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
