@@ -67,6 +67,14 @@ def test_small_run_writes_table_plots_and_json(tmp_path):
     for png in ("rss_per_connection.png", "heartbeat_round.png", "soak.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
         assert f"]({png})" in md
+    # compare.py on a run against itself: every figure unchanged, ratio 1.
+    compared = run_benchmark("compare.py", str(out), str(out), "--out",
+                             str(tmp_path / "compare.md"), timeout=60)
+    assert compared.returncode == 0, compared.stderr
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert {r["key"] for r in rows} >= {"rss_per_connection", "cpu_per_message_us"}
+    assert all(r["ratio"] in (None, 1.0) for r in rows), rows
+    assert "| hijack | RSS per held connection (B) |" in (tmp_path / "compare.md").read_text()
 
 
 @pytest.mark.unit

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from harness.servers import ROOT
 
 README = ROOT / "README.rst"
 MAX_README_LINES = 300
