@@ -1,16 +1,20 @@
 """Two runs of ``benchmarks/run.py`` side by side: did a change move the figures?
 
-    python benchmarks/compare.py BEFORE_DIR AFTER_DIR [--out FILE] [--tolerance 0.10]
+    python benchmarks/compare.py BEFORE_DIR[,DIR...] AFTER_DIR[,DIR...] [--out FILE]
 
 Each directory holds the ``results.json`` of one run (``run.py --out DIR``),
-made back to back on the same machine, one on the tree before the change and
-one after. For each server kind both runs measured (the project's
-``hijack``, and the ``floor`` as a check on the machine's own drift), the
-table gives the median over the run's repeats of RSS per held connection and
-CPU per delivered heartbeat, and the ratio after / before. The hijack's CPU
-is also given against the floor of its own run (one after the other, and
-side by side when the runs measured that), which cancels most of the
-machine's drift between the two runs. Exit status 1 when a hijack figure
+made back to back on the same machine, on the tree before the change and on
+the tree after it. Single runs of the same tree differ by more than their
+repeats do (how a worker's heap lays out in one invocation), so several runs
+per side, interleaved (before, after, before, after...), give the fairer
+figure: each side's medians are taken over all its runs' repeats.
+
+For each server kind both sides measured (the project's ``hijack``, and the
+``floor`` as a check on the machine's own drift), the table gives RSS per
+held connection and CPU per delivered heartbeat, and the ratio after /
+before. The hijack's CPU is also given against the floor of its own run
+(one after the other, and side by side when the runs measured that), which
+cancels most of the machine's drift. Exit status 1 when a hijack figure
 moved by more than ``--tolerance``.
 """
 
@@ -26,8 +30,22 @@ FIGURES = (("rss_per_connection", "RSS per held connection (B)"),
            ("cpu_per_message_us", "CPU per delivered heartbeat (us)"))
 
 
-def load(directory: Path) -> dict:
-    return json.loads((Path(directory) / "results.json").read_text())
+def load(directories: str) -> dict:
+    """One or several runs (comma-separated directories) as one: their
+    results together, the first run's meta with every command."""
+    runs = [json.loads((Path(d) / "results.json").read_text())
+            for d in str(directories).split(",") if d]
+    meta = dict(runs[0]["meta"])
+    meta["date"] = ", ".join(r["meta"]["date"] for r in runs)
+    meta["command"] = "`; `".join(r["meta"]["command"] for r in runs)
+    meta["runs"] = len(runs)
+    sides = [r["side_by_side"] for r in runs if r.get("side_by_side")]
+    side = None
+    if sides:
+        ratios = [s["cpu_ratio"] for s in sides if s.get("cpu_ratio")]
+        side = {"cpu_ratio": statistics.median(ratios) if ratios else None}
+    return {"meta": meta, "results": [x for r in runs for x in r["results"]],
+            "side_by_side": side}
 
 
 def medians(data: dict, server: str) -> dict[str, float | None]:
@@ -74,10 +92,13 @@ def _f(value: float | None, fmt: str = "{:.2f}") -> str:
 
 def render(result: dict, tolerance: float) -> str:
     lines = ["# Before and after, back to back", "",
-             f"- before: {result['before']['date']}, `{result['before']['command']}`",
-             f"- after: {result['after']['date']}, `{result['after']['command']}`",
+             f"- before ({result['before']['runs']} runs): {result['before']['date']}; "
+             f"`{result['before']['command']}`",
+             f"- after ({result['after']['runs']} runs): {result['after']['date']}; "
+             f"`{result['after']['command']}`",
              f"- machine: {result['after']['machine']}", "",
-             f"Medians over each run's repeats; ratio = after / before; within "
+             f"Medians over all repeats of each side's runs (side by side: the median "
+             f"of the runs' ratios); ratio = after / before; within "
              f"{tolerance:.0%} counts as unchanged.", "",
              "| server | figure | before | after | after / before | unchanged |",
              "|---|---|---|---|---|---|"]
@@ -91,8 +112,8 @@ def render(result: dict, tolerance: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("before", type=Path)
-    ap.add_argument("after", type=Path)
+    ap.add_argument("before", help="results directory of run.py, or several, comma-separated")
+    ap.add_argument("after", help="the same, for the tree after the change")
     ap.add_argument("--out", type=Path, help="write the table here (markdown) as well")
     ap.add_argument("--tolerance", type=float, default=0.10)
     args = ap.parse_args(argv)

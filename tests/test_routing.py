@@ -116,6 +116,14 @@ def run(table: Table, steps: list[tuple]) -> None:
         assert got == expected, f"step {number} {action}: got {got}, expected {expected}"
 
 
+# With a bus that confirms: "a" joins "c", the bus confirms, "a" reads the
+# history and is attached.
+A_IS_LIVE = [
+            (("join", "a", None), [("subscribe", "c")]),
+            (("live", "c"), [("position", "c"), ("read", "a", None, None)]),
+            (("attach", "a", 0), None),
+]
+
 # Each scenario: (bus confirms subscriptions?, delivered_upto at start, steps).
 # A step is (action, the router's answer); None where the action answers nothing.
 SCENARIOS = {
@@ -193,9 +201,7 @@ SCENARIOS = {
         ]),
     "the bus reconnects: live messages held back, what was missed read, then both": (
         True, 0, [
-            (("join", "a", None), [("subscribe", "c")]),
-            (("live", "c"), [("position", "c"), ("read", "a", None, None)]),
-            (("attach", "a", 0), None),
+            *A_IS_LIVE,
             (("route", [10]), [("fan_out", 10, ["a"])]),
             (("resync",), None),
             (("route", [12]), []),  # held back: 11 was missed while reconnecting
@@ -209,9 +215,7 @@ SCENARIOS = {
         ]),
     "a reconnect with nothing delivered yet: only the held-back messages": (
         True, 0, [
-            (("join", "a", None), [("subscribe", "c")]),
-            (("live", "c"), [("position", "c"), ("read", "a", None, None)]),
-            (("attach", "a", 0), None),
+            *A_IS_LIVE,
             (("resync",), None),
             (("route", [1]), []),
             (("live", "c"), [("position", "c"), ("catch_up", ("c",), None)]),
@@ -219,9 +223,7 @@ SCENARIOS = {
         ]),
     "a history read that ended after the held-back messages covers them": (
         True, 0, [
-            (("join", "a", None), [("subscribe", "c")]),
-            (("live", "c"), [("position", "c"), ("read", "a", None, None)]),
-            (("attach", "a", 0), None),
+            *A_IS_LIVE,
             (("route", [1]), [("fan_out", 1, ["a"])]),
             (("resync",), None),
             (("route", [2]), []),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from gevent import monkey
 
@@ -151,6 +151,7 @@ class Counters:
             return dict(self._counts)
 
 
+@runtime_checkable
 class Bus(Protocol):
     """The interface the reactor and the app use; see the module docstring."""
 

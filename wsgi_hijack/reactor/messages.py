@@ -87,7 +87,6 @@ class Messages:
         if conn.fd >= 0:
             self.router.attach(conn, replay.last_id)
 
-
     # -- published messages -----------------------------------------------------
 
     def dispatch(self, item: Message | Event) -> None:
