@@ -11,8 +11,9 @@ figure: each side's medians are taken over all its runs' repeats.
 
 For each server kind both sides measured (the project's ``hijack``, and the
 ``floor`` as a check on the machine's own drift), the table gives RSS per
-held connection and CPU per delivered heartbeat, and the ratio after /
-before. The hijack's CPU is also given against the floor of its own run
+held connection (the worker's growth while they connect, over N), the
+worker's whole RSS once it holds them all, CPU per delivered heartbeat, and
+the ratio after / before. The hijack's CPU is also given against the floor of its own run
 (one after the other, and side by side when the runs measured that), which
 cancels most of the machine's drift. Exit status 1 when a hijack figure
 moved by more than ``--tolerance``.
@@ -27,6 +28,7 @@ import sys
 from pathlib import Path
 
 FIGURES = (("rss_per_connection", "RSS per held connection (B)"),
+           ("rss_end", "worker RSS holding all N (B)"),
            ("cpu_per_message_us", "CPU per delivered heartbeat (us)"))
 
 
@@ -105,8 +107,9 @@ def render(result: dict, tolerance: float) -> str:
     for row in result["rows"]:
         ratio = row["ratio"]
         unchanged = "-" if ratio is None else ("yes" if abs(ratio - 1) <= tolerance else "no")
-        lines.append(f"| {row['server']} | {row['figure']} | {_f(row['before'])} | "
-                     f"{_f(row['after'])} | {_f(ratio)} | {unchanged} |")
+        fmt = "{:,.0f}" if row["key"] == "rss_end" else "{:.2f}"
+        lines.append(f"| {row['server']} | {row['figure']} | {_f(row['before'], fmt)} | "
+                     f"{_f(row['after'], fmt)} | {_f(ratio)} | {unchanged} |")
     return "\n".join(lines) + "\n"
 
 

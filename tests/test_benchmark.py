@@ -138,3 +138,13 @@ def test_fanout_loop_benchmark_runs_small():
     assert set(rows) == {"bare", "write_each_py", "write_each_c"}
     assert "x bare" in rows["write_each_c"]
     assert "bytecode_loop, shuffled" in proc.stdout
+
+
+@pytest.mark.slow
+def test_heap_per_connection_small_run():
+    """benchmarks/heap_per_connection.py: the exact Python heap per held connection."""
+    proc = run_benchmark("heap_per_connection.py", "-n", "200", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] == result["held"] == 200
+    assert 0 < result["heap_per_connection"] <= result["peak_per_connection"]
