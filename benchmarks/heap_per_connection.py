@@ -33,6 +33,8 @@ from gevent.pywsgi import WSGIServer  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=2000, help="connections to hold")
+    ap.add_argument("--path", default="/",
+                    help="the demo's route to hold them on (/: plain; /events?channel=c: SSE)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -46,7 +48,7 @@ def main() -> None:
 
     def connect() -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", server.server_port))
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(f"GET {args.path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         return sock
 
     warm = [connect() for _ in range(10)]  # the reactor started, its first tables made
@@ -68,7 +70,8 @@ def main() -> None:
     after, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     held = len(reactor) - len(warm) if reactor is not None else 0
-    print(json.dumps({"package": wsgi_hijack.__file__, "n": args.n, "held": held,
+    print(json.dumps({"package": wsgi_hijack.__file__, "path": args.path, "n": args.n,
+                      "held": held,
                       "heap_per_connection": round((after - before) / args.n, 1),
                       "peak_per_connection": round((peak - before) / args.n, 1)}))
     for sock in clients + warm:
