@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import metrics
-from ..bus.base import Bus
+from ..bus.base import Bus, Counters
 from .occupancy import Occupancy
 
 #: Seconds between two syncs of the counts into prometheus metrics.
@@ -46,7 +46,7 @@ class Stats:
 
     def snapshot(self, occupancy: Occupancy, bus: Bus | None) -> dict[str, Any]:
         stats = dict(self.counts, refused=occupancy.refused)
-        stats.update(bus.counters() if bus is not None else {"published": 0, "bus_errors": 0})
+        stats.update(bus.counters() if bus is not None else dict.fromkeys(Counters.NAMES, 0))
         return stats
 
     def sync(self, held_by_protocol: dict[str, int], occupancy: Occupancy,
