@@ -214,3 +214,43 @@ def test_the_socket_is_this_users_only():
     os.close(read)
     os.close(write)
     shutil.rmtree(where)
+
+
+@pytest.mark.unit
+@given(st.integers(0, 5000), st.integers(1, 16))
+@settings(max_examples=200, deadline=None)
+def test_connections_are_spread_evenly_each_once(count, takers):
+    from wsgi_hijack.handoff.successors import spread
+
+    shares = spread(count, takers)
+    assert len(shares) == takers
+    assert sorted(i for share in shares for i in share) == list(range(count))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_successors_are_the_live_workers_started_later(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from wsgi_hijack.handoff.successors import start_time, successors
+
+    older = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.05)  # a clock tick apart at least
+    giver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.05)
+    newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        assert start_time(older.pid) <= start_time(giver.pid) <= start_time(newer.pid)
+        for proc in (older, giver, newer, gone):
+            (tmp_path / f"worker-{proc.pid}.sock").touch()
+        (tmp_path / "master-1.sock").touch()
+        found = successors(tmp_path, giver.pid)
+        assert [pid for pid, _ in found] == [newer.pid]
+        assert found[0][1] == tmp_path / f"worker-{newer.pid}.sock"
+    finally:
+        for proc in (older, giver, newer):
+            proc.kill()
+            proc.wait()
