@@ -22,8 +22,11 @@ from wsgi_hijack.handoff.codec import (
 names = st.text(st.characters(whitelist_categories=("L", "N")), min_size=1, max_size=12)
 states = st.builds(
     ConnectionState, fd_index=st.just(0), protocol=names,
-    target=names.map(lambda s: "/" + s), channels=st.lists(names, max_size=3).map(tuple),
+    request=st.from_regex(r"/[a-z0-9=?&%.]{0,20}", fullmatch=True).map(
+        lambda target: f"GET {target} HTTP/1.1"),
+    channels=st.lists(names, max_size=3).map(tuple),
     last_id=st.none() | st.integers(0, 1 << 60), outbuf=st.binary(max_size=200),
+    input=st.binary(max_size=50), goodbye=st.binary(max_size=50),
     deadline_in=st.none() | st.floats(0, 1e6),
     protocol_state=st.dictionaries(names, st.integers() | names, max_size=3))
 
@@ -60,7 +63,7 @@ def test_a_truncated_or_corrupted_batch_is_refused_whole(items, data):
 @pytest.mark.parametrize("bad, reason", [
     ({"fd": 5, "protocol": "sse"}, "names fd 5"),
     ({"fd": 0, "protocol": ""}, "protocol must be a name"),
-    ({"fd": 0, "protocol": "sse", "target": "http://x/"}, "target must be a path"),
+    ({"fd": 0, "protocol": "sse", "request": "GET http://x/ HTTP/1.1"}, "request must be a request line"),
     ({"fd": 0, "protocol": "sse", "last_id": -1}, "last_id"),
     ({"fd": 0, "protocol": "sse", "outbuf": "%%%"}, "base64"),
     ({"fd": 0, "protocol": "sse", "channels": "c"}, "channels"),

@@ -142,3 +142,27 @@ def ws_max_queue() -> int:
     ``WSGI_HIJACK_WS_MAX_QUEUE``, default 64. A client that sends faster than
     its callback handles them is closed with code 1008."""
     return int(_positive("WSGI_HIJACK_WS_MAX_QUEUE", 64, int))
+
+
+def handoff_enabled() -> bool:
+    """``WSGI_HIJACK_HANDOFF``: ``1`` (default) moves held connections to the
+    successor worker on a reload or recycle (:mod:`wsgi_hijack.handoff`);
+    ``0`` closes them with their goodbye, and clients reconnect."""
+    raw = os.environ.get("WSGI_HIJACK_HANDOFF", "1").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"WSGI_HIJACK_HANDOFF={raw!r}: expected 0 or 1")
+    return raw == "1"
+
+
+def handoff_dir() -> str | None:
+    """``WSGI_HIJACK_HANDOFF_DIR``: where the workers and masters of one
+    deployment meet to move connections; default
+    ``/tmp/wsgi_hijack-<uid>-<port>`` (made ``0700``)."""
+    return os.environ.get("WSGI_HIJACK_HANDOFF_DIR", "").strip() or None
+
+
+def handoff_timeout() -> float:
+    """Seconds moved connections wait for a successor to take them:
+    ``WSGI_HIJACK_HANDOFF_TIMEOUT``, default 30 (gunicorn's graceful
+    timeout). Past it they get their goodbye, and clients reconnect."""
+    return _positive("WSGI_HIJACK_HANDOFF_TIMEOUT", 30.0)

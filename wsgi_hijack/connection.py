@@ -1,11 +1,13 @@
 """A held connection: the smallest record the reactor needs per client.
 
 No socket object, no greenlet, no watcher: an fd number, the protocol it
-speaks, bytes still waiting to be sent, the channels it listens to, and
-whether it is closing. With ``__slots__`` it is one small object, so memory
-per held connection is dominated by the reactor's dict entries and the
-kernel, not by Python objects (benchmarks/results/results.md: RSS per held
-connection).
+speaks, bytes still waiting to be sent, the channels it listens to, the
+request line it was hijacked for (interned: connections on one route share
+one string; a successor runs it through the app again when the connection
+moves, :mod:`wsgi_hijack.handoff`), and where it is in its life. With
+``__slots__`` it is one small object, so memory per held connection is
+dominated by the reactor's dict entries and the kernel, not by Python
+objects (benchmarks/results/results.md: RSS per held connection).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class State(IntEnum):
 
 
 class Connection:
-    __slots__ = ("fd", "protocol", "outbuf", "channels", "state", "ip", "beat",
+    __slots__ = ("fd", "protocol", "outbuf", "channels", "state", "ip", "beat", "request",
                  "__weakref__")
 
     def __init__(self, fd: int, protocol: Protocol) -> None:
@@ -52,6 +54,9 @@ class Connection:
         self.ip: str | None = None
         #: Its heartbeat as read when it was stored (None: none, or stopped).
         self.beat: bytes | None = None
+        #: ``METHOD /target HTTP/x.y`` of the request it was hijacked for
+        #: (None when held directly, not through the middleware).
+        self.request: str | None = None
 
     @property
     def closing(self) -> bool:

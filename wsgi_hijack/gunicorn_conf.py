@@ -16,7 +16,10 @@ What it sets, and why:
   is one fd);
 - one ``SO_REUSEPORT`` listener per worker, a cross-worker bus required for
   several workers, Prometheus metrics summed over workers;
-- the reactor started in each worker, and its goodbye at worker exit.
+- the reactor started in each worker; at worker exit, its held connections
+  move to the successor worker (a reload, a recycle: :mod:`wsgi_hijack.handoff`),
+  or get their goodbye when the master shuts down (``WSGI_HIJACK_HANDOFF=0``:
+  always the goodbye).
 """
 
 import json
@@ -59,6 +62,10 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 
 def on_exit(server):
+    if _handoff():
+        from wsgi_hijack.handoff import master
+
+        master.stop(server)
     if _own_metrics_dir and server.pid == os.getpid():
         import shutil
 
@@ -97,6 +104,34 @@ def _our_worker_class(server) -> None:
 def on_reload(server):
     # A reload (HUP) reads the settings again, -k from the command line too.
     _our_worker_class(server)
+    if _handoff():
+        from wsgi_hijack.handoff import master
+
+        master.workers_changed(server)
+
+
+def _handoff() -> bool:
+    from wsgi_hijack import config
+
+    return config.handoff_enabled()
+
+
+def _handoff_dir(server) -> None:
+    # One directory per deployment, named by its public port; the workers,
+    # the park and a binary upgrade's new master inherit it from here.
+    if os.environ.get("WSGI_HIJACK_HANDOFF_DIR"):
+        return
+    public = json.loads(os.environ.get("WSGI_HIJACK_PUBLIC_BIND") or "[]") or \
+        [addr for addr in server.cfg.address if isinstance(addr, tuple)]
+    port = public[0][1] if public else "unix"
+    os.environ["WSGI_HIJACK_HANDOFF_DIR"] = f"/tmp/wsgi_hijack-{os.getuid()}-{port}"
+
+
+def when_ready(server):
+    if _handoff():
+        from wsgi_hijack.handoff import master
+
+        master.start(server)
 
 
 def on_starting(server):
@@ -115,6 +150,8 @@ def on_starting(server):
             "WSGI_HIJACK_REDIS_URL (or redis_url in gunicorn.conf.py). If your app never "
             "publishes, set WSGI_HIJACK_ALLOW_LOCAL_BUS=1.")
     _listen_per_worker(server)
+    if _handoff():
+        _handoff_dir(server)
 
 
 # Spreading connections evenly over workers. gunicorn's workers share one
@@ -183,6 +220,12 @@ def post_worker_init(worker):
         worker.sockets = _reuseport_listeners(worker)
         if hasattr(worker, "wait_fds"):  # the sync worker selects on these
             worker.wait_fds = worker.sockets + [worker.PIPE[0]]
+    if _handoff() and "gevent" in type(worker).__module__:
+        from wsgi_hijack.handoff import worker as handoff
+
+        # Before the reactor starts: with the in-process bus, the old worker's
+        # history and ids come first.
+        handoff.start(worker.wsgi, worker.cfg.workers, worker.notify)
     get_reactor()
     if not type(worker).__module__.startswith("wsgi_hijack.workers"):
         from wsgi_hijack.workers import checks
@@ -191,16 +234,17 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
+    from wsgi_hijack.handoff import worker as handoff
     from wsgi_hijack.reactor import current_reactor
 
     reactor = current_reactor()  # this process's, if it runs
     if reactor is not None:
-        reactor.close(goodbye=True)
+        handoff.leave(reactor)  # to the successor; or the goodbye
 
 
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "backlog", "keepalive",
     "redis_url", "on_starting", "on_reload", "on_exit", "child_exit", "post_worker_init",
-    "worker_exit",
+    "worker_exit", "when_ready",
     "OUR_WORKERS",
 ]

@@ -32,9 +32,11 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote
 
 from . import adapters
 from .adapters.base import ServerConnection
+from .handoff.codec import REQUEST_LINE as _REQUEST_LINE
 
 log = logging.getLogger("wsgi_hijack")
 
@@ -69,14 +71,21 @@ class HijackedSocket:
     the wrapped socket's own method.
     """
 
-    __slots__ = ("_sock", "_pending", "peer_ip")
+    __slots__ = ("_sock", "_pending", "peer_ip", "request", "resumed")
 
     def __init__(self, sock: socket.socket, pending: bytes = b"",
-                 peer_ip: str | None = None) -> None:
+                 peer_ip: str | None = None, request: str | None = None,
+                 resumed: Any = None) -> None:
         self._sock = sock
         self._pending = pending
         #: The client's address as the server saw it (REMOTE_ADDR).
         self.peer_ip = peer_ip
+        #: The request line it was hijacked for (see :func:`request_line`).
+        self.request = request
+        #: When the connection was moved here from another worker, its
+        #: :class:`~wsgi_hijack.handoff.codec.ConnectionState`: the reactor
+        #: resumes it where it was, rather than starting a response.
+        self.resumed = resumed
 
     @property
     def pending(self) -> bytes:
@@ -216,8 +225,7 @@ class _Request:
             raise HijackError("the response was already started; hijack before writing")
         self._admit()
         self.hijacked = True
-        sock, pending = self.server.take()
-        return HijackedSocket(sock, pending, self.environ.get("REMOTE_ADDR"))
+        return _hijacked(self.server, self.environ)
 
     def partial_hijack(self, callback: Callable[[HijackedSocket], None]) -> list[bytes]:
         if self.server is None:
@@ -276,15 +284,38 @@ class HijackMiddleware:
                 raise HijackError("partial hijack without start_response(status, headers): "
                                   "there is no head to write")
             head = encode_head(request.status, request.headers or [])
-            sock = HijackedSocket(*server.take(), environ.get("REMOTE_ADDR"))
+            sock = _hijacked(server, environ)
             try:
-                sock.sendall(head)
+                if server.resumed is None:  # a resumed one had its head long ago
+                    sock.sendall(head)
             except OSError as exc:
                 log.debug("client went away before the response head was written: %s", exc)
                 sock.close()
             else:
                 request.partial_callback(sock)
         return server.finish(request.status)
+
+
+def _hijacked(server: ServerConnection, environ: dict) -> HijackedSocket:
+    sock, pending = server.take()
+    return HijackedSocket(sock, pending, environ.get("REMOTE_ADDR"), request_line(environ),
+                          server.resumed)
+
+
+def request_line(environ: dict) -> str | None:
+    """``METHOD /target HTTP/x.y``, as the client sent it (gunicorn's
+    ``RAW_URI``), or rebuilt from the path and query; None when it cannot be
+    carried (the connection then says goodbye rather than move)."""
+    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not target:
+        target = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+                       safe="/;=,~!$&'()*+@:")
+        query = environ.get("QUERY_STRING")
+        if query:
+            target += "?" + query
+    line = f"{environ.get('REQUEST_METHOD', 'GET')} {target} " \
+           f"{environ.get('SERVER_PROTOCOL', 'HTTP/1.1')}"
+    return line if _REQUEST_LINE.fullmatch(line) else None
 
 
 def _refuse(request: _Request, start_response: StartResponse) -> list[bytes]:

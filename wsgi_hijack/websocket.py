@@ -53,6 +53,7 @@ import gevent
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
+from .adapters.resume import RESUME
 from .connection import Connection
 from .hijack import is_hijackable, partial_hijack
 from .protocols.websocket import (
@@ -108,6 +109,37 @@ class WebSocket(WebSocketProtocol):
 
     def held(self, conn: Connection) -> None:
         self.conn = conn
+        if self._queue:  # messages moved here with the connection, for this code's callback
+            gevent.spawn(self._run_callbacks)
+
+    def handoff_state(self, now: float) -> tuple[dict, bytes]:
+        """The protocol's state, and the messages its callback has not taken
+        yet: they move (out of this queue) and run in the successor's code."""
+        state, input_ = super().handoff_state(now)
+        queue = self._queue
+        if queue:
+            state["queued"] = [m if isinstance(m, str) else
+                               {"base64": base64.b64encode(m).decode("ascii")} for m in queue]
+            queue.clear()
+        return state, input_
+
+    def resume(self, state: dict, now: float) -> None:
+        state = dict(state)
+        queued = state.pop("queued", [])
+        if not isinstance(queued, list):
+            raise ValueError("queued must be a list of messages")
+        super().resume(state, now)
+        messages: deque = deque()
+        for item in queued:
+            if isinstance(item, str):
+                messages.append(item)
+            elif isinstance(item, dict) and isinstance(item.get("base64"), str):
+                messages.append(base64.b64decode(item["base64"], validate=True))
+            else:
+                raise ValueError(f"a queued message must be text or {{'base64': ...}}, "
+                                 f"not {item!r}")
+        if messages:
+            self._queue = messages  # their greenlet starts once held()
 
     def message_received(self, message: str | bytes) -> bool:
         if self.endpoint.on_message is None:
@@ -135,6 +167,13 @@ class WebSocket(WebSocketProtocol):
                                   self.conn.fd if self.conn is not None else "?")
         finally:
             self._queue = None
+
+    def queued_messages(self) -> list[str | bytes]:
+        """The messages received and not yet taken by the callback greenlet, oldest
+        first; a copy, the queue is left as it is. The message whose callback is
+        running now was taken: it is not among them."""
+        queue = self._queue
+        return list(queue) if queue is not None else []
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -278,6 +317,9 @@ def websocket_response(environ: dict, start_response, channels: Iterable[str] = 
     alone). ``max_message`` and ``pong_timeout`` default to
     ``WSGI_HIJACK_WS_MAX_MESSAGE`` and ``WSGI_HIJACK_WS_PONG_TIMEOUT``.
     """
+    if environ.get(RESUME) is not None:
+        return _resume(environ, start_response, channels, on_message, data, envelope,
+                       max_message, pong_timeout)
     try:
         key = check_handshake(environ)
         channels = check_channels(channels) if channels else ()
@@ -315,3 +357,17 @@ def websocket_response(environ: dict, start_response, channels: Iterable[str] = 
                      last_id=last_id)
 
     return partial_hijack(environ, hold)
+
+
+def _resume(environ: dict, start_response, channels: Iterable[str],
+            on_message: OnMessage | None, data: Any, envelope: bool,
+            max_message: int | None, pong_timeout: float | None) -> list[bytes]:
+    """A WebSocket moved here from another worker: its handshake was done
+    there (and its subprotocol travels in its state), so it is held again
+    with this code's ``on_message`` and settings."""
+    channels = check_channels(channels) if channels else ()
+    endpoint = _endpoint(on_message, max_message, pong_timeout, envelope)
+    reactor = get_reactor()
+    start_response("101 Switching Protocols", [])
+    return partial_hijack(environ, lambda sock: reactor.hold(
+        sock, WebSocket(endpoint, None, data), channels=channels))

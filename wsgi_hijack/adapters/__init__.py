@@ -13,15 +13,17 @@ from .base import ServerConnection
 from .gunicorn_gevent import GunicornGeventConnection
 from .gunicorn_threads import GunicornThreadConnection
 from .pywsgi import PyWSGIConnection
+from .resume import ResumedConnection
 from .uwsgi_http import UWSGIConnection
 from .werkzeug import WerkzeugConnection
 
-# pywsgi first: gunicorn's gevent_pywsgi worker also sets gunicorn.socket,
+# A resumed connection (moved here from another worker) first: it is no
+# server's. Then pywsgi: gunicorn's gevent_pywsgi worker also sets gunicorn.socket,
 # but the connection belongs to a pywsgi handler there. The gunicorn adapters
 # tell their workers apart by the socket's class (gevent or stdlib), and
 # werkzeug and uWSGI by their own environ keys.
-ADAPTERS: list[Any] = [PyWSGIConnection, GunicornGeventConnection, GunicornThreadConnection,
-                       WerkzeugConnection, UWSGIConnection]
+ADAPTERS: list[Any] = [ResumedConnection, PyWSGIConnection, GunicornGeventConnection,
+                       GunicornThreadConnection, WerkzeugConnection, UWSGIConnection]
 
 
 def detect(environ: dict, start_response: Any) -> ServerConnection | None:

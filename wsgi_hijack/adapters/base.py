@@ -23,6 +23,9 @@ class ServerConnection:
 
     #: Short name for logs and the compatibility matrix.
     name = "server"
+    #: The moved connection's state when this request resumes one
+    #: (:mod:`.resume`); None for a request from a client.
+    resumed: Any = None
 
     def take(self) -> tuple[socket.socket, bytes]:
         """Detach the connection from the server.

@@ -13,10 +13,12 @@ from collections.abc import Iterable
 
 from .. import config
 from .base import (
+    BusUnavailable,
     Counters,
     Dispatch,
     Lock,
     Message,
+    PublishError,
     Replay,
     check_channel,
     check_data,
@@ -50,6 +52,7 @@ class InProcessBus:
         self._channels: dict[str, _History] = {}
         self._dispatch: Dispatch | None = None
         self._counters = Counters()
+        self._handed_over = False
 
     def publish(self, channel: str, data: str | bytes, event: str | None = None) -> int:
         """Publish ``data`` on ``channel``; returns the message id. Any thread."""
@@ -57,6 +60,9 @@ class InProcessBus:
         event = check_event(event)
         data = check_data(data, self.max_message)
         with self._lock:
+            if self._handed_over:
+                raise BusUnavailable("this worker handed its bus to its successor; "
+                                     "publish in the new worker")
             self._last_id += 1
             message = Message(self._last_id, channel, data, event, time.time())
             history = self._channels.get(channel)
@@ -76,6 +82,46 @@ class InProcessBus:
         oldest = now - self.history_age
         while messages and (len(messages) > self.history_size or messages[0].time < oldest):
             history.evicted = messages.popleft().id
+
+    # -- moving to a successor worker (wsgi_hijack.handoff) ---------------------
+
+    def hand_over(self) -> dict:
+        """Take no more publishes, and return the id counter and the history as
+        JSON-safe data for the successor, so that ids go on increasing there
+        and a moved connection replays what it missed. A publish after this
+        raises BusUnavailable (nothing is published that nobody would get)."""
+        with self._lock:
+            self._handed_over = True
+            return {"last_id": self._last_id, "channels": {
+                name: {"evicted": history.evicted,
+                       "messages": [[m.id, m.data, m.event, m.time] for m in history.messages]}
+                for name, history in self._channels.items()}}
+
+    def restore(self, state: dict) -> None:
+        """Take over a predecessor's :meth:`hand_over`; before the first publish.
+        Raises ValueError, saying what, for a state that cannot be trusted."""
+        try:
+            last_id = state["last_id"]
+            channels = {}
+            for name, item in state["channels"].items():
+                history = channels[check_channel(name)] = _History()
+                history.evicted = int(item["evicted"])
+                for id_, data, event, when in item["messages"]:
+                    if type(id_) is not int or not history.evicted < id_ <= last_id:
+                        raise ValueError(f"message id {id_!r} out of order on {name!r}")
+                    history.messages.append(Message(id_, channel=name, data=str(data),
+                                                    event=check_event(event), time=float(when)))
+        except ValueError:
+            raise
+        except (KeyError, TypeError, AttributeError, PublishError) as exc:
+            raise ValueError(f"bus state is malformed: {exc!r}") from None
+        if type(last_id) is not int or last_id < 0:
+            raise ValueError(f"bus state's last_id must be an int >= 0, not {last_id!r}")
+        with self._lock:
+            if self._last_id:
+                raise ValueError(f"this bus already published (up to id {self._last_id}); "
+                                 "its successor's state comes too late")
+            self._last_id, self._channels = last_id, channels
 
     def last_id(self) -> int:
         return self._last_id

@@ -1,10 +1,12 @@
 """A held connection's state, as bytes that another process can trust.
 
-What moves with a connection is small: the request target it was hijacked
+What moves with a connection is small: the request line it was hijacked
 for (the successor runs it through the app again, so the new code frames
 what follows), its protocol's name and per-connection state, its channels,
-the last id it was given, the bytes still waiting to be sent, and for a
-one-shot protocol the seconds left until its deadline. The fd itself travels
+the last id it was given, the bytes still waiting to be sent, for a one-shot
+protocol the seconds left until its deadline, and its goodbye (what whoever
+holds it writes if it cannot be resumed: the client then reconnects and
+replays, so nothing is lost). The fd itself travels
 beside the batch (``SCM_RIGHTS``); a state names its fd by its index in the
 batch.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -29,6 +32,8 @@ _HEADER = struct.Struct("!4sII")  # magic+version, payload length, CRC-32
 HEADER_SIZE = _HEADER.size
 #: A batch larger than this is refused unread (a state is a few hundred bytes).
 MAX_PAYLOAD = 64 << 20
+#: ``METHOD /target HTTP/x.y``: what the successor runs through the app.
+REQUEST_LINE = re.compile(r"[A-Z]{1,16} /[!-~]* HTTP/1\.[01]")
 
 
 class HandoffError(ValueError):
@@ -41,18 +46,24 @@ class ConnectionState:
 
     fd_index: int
     protocol: str
-    target: str = "/"
+    request: str = "GET / HTTP/1.1"
     channels: tuple[str, ...] = ()
     last_id: int | None = None
     outbuf: bytes = b""
     deadline_in: float | None = None
     protocol_state: dict[str, Any] = field(default_factory=dict)
+    #: Client bytes to parse before anything new from the socket (WebSocket:
+    #: a half-received frame, synthesised by the protocol).
+    input: bytes = b""
+    goodbye: bytes = b""
 
     def as_json(self) -> dict[str, Any]:
-        return {"fd": self.fd_index, "protocol": self.protocol, "target": self.target,
+        return {"fd": self.fd_index, "protocol": self.protocol, "request": self.request,
                 "channels": list(self.channels), "last_id": self.last_id,
                 "outbuf": base64.b64encode(self.outbuf).decode("ascii"),
-                "deadline_in": self.deadline_in, "state": self.protocol_state}
+                "deadline_in": self.deadline_in, "state": self.protocol_state,
+                "input": base64.b64encode(self.input).decode("ascii"),
+                "goodbye": base64.b64encode(self.goodbye).decode("ascii")}
 
 
 def encode_batch(states: list[ConnectionState], meta: dict[str, Any] | None = None) -> bytes:
@@ -82,7 +93,8 @@ def decode_batch(data: bytes, fds: int) -> tuple[dict[str, Any], list[Connection
     """``(meta, states)`` from a whole message that arrived with ``fds`` fds.
 
     Raises :class:`HandoffError` for anything short of a complete, intact,
-    well-formed batch whose states name each fd once."""
+    well-formed batch whose states name each fd once. The states come back
+    in fd order."""
     size = payload_size(data)
     _, _, crc = _HEADER.unpack_from(data)
     payload = data[HEADER_SIZE:]
@@ -101,6 +113,9 @@ def decode_batch(data: bytes, fds: int) -> tuple[dict[str, Any], list[Connection
     seen = [s.fd_index for s in states]
     if len(set(seen)) != len(seen):
         raise HandoffError("two connections name the same fd")
+    if len(states) != fds:
+        raise HandoffError(f"the batch names {len(states)} connections but carries {fds} fds")
+    states.sort(key=lambda s: s.fd_index)  # the i-th state is the i-th fd's
     return body.get("meta", {}), states
 
 
@@ -110,11 +125,12 @@ def _state(item: Any, fds: int) -> ConnectionState:
     fd = item.get("fd")
     if type(fd) is not int or not 0 <= fd < fds:
         raise HandoffError(f"connection names fd {fd!r}; the batch carries {fds}")
-    protocol, target = item.get("protocol"), item.get("target", "/")
+    protocol, request = item.get("protocol"), item.get("request", "GET / HTTP/1.1")
     if not isinstance(protocol, str) or not protocol:
         raise HandoffError(f"connection {fd}: protocol must be a name, not {protocol!r}")
-    if not isinstance(target, str) or not target.startswith("/"):
-        raise HandoffError(f"connection {fd}: target must be a path, not {target!r}")
+    if not isinstance(request, str) or not REQUEST_LINE.fullmatch(request):
+        raise HandoffError(f"connection {fd}: request must be a request line "
+                           f"'GET /path HTTP/1.1', not {request!r}")
     channels = item.get("channels", [])
     if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
         raise HandoffError(f"connection {fd}: channels must be a list of names")
@@ -127,9 +143,13 @@ def _state(item: Any, fds: int) -> ConnectionState:
     state = item.get("state", {})
     if not isinstance(state, dict):
         raise HandoffError(f"connection {fd}: state must be an object")
+    outbuf, input_, goodbye = (_bytes(item, fd, name) for name in ("outbuf", "input", "goodbye"))
+    return ConnectionState(fd, protocol, request, tuple(channels), last_id, outbuf,
+                           None if deadline is None else float(deadline), state, input_, goodbye)
+
+
+def _bytes(item: dict, fd: int, name: str) -> bytes:
     try:
-        outbuf = base64.b64decode(item.get("outbuf", ""), validate=True)
+        return base64.b64decode(item.get(name, ""), validate=True)
     except (binascii.Error, ValueError, TypeError):
-        raise HandoffError(f"connection {fd}: outbuf is not base64") from None
-    return ConnectionState(fd, protocol, target, tuple(channels), last_id, outbuf,
-                           None if deadline is None else float(deadline), state)
+        raise HandoffError(f"connection {fd}: {name} is not base64") from None

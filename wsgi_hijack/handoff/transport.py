@@ -74,12 +74,12 @@ def give(sock: socket.socket, fds: list[int], message: bytes) -> int:
     for start in range(0, len(fds), FDS_PER_CHUNK):
         socket.send_fds(sock, [b"F"], fds[start:start + FDS_PER_CHUNK])
     sock.sendall(b"E" + message)
-    kind = _recv_exactly(sock, 1)
+    kind = recv_exactly(sock, 1)
     if kind == b"A":
-        return _COUNT.unpack(_recv_exactly(sock, _COUNT.size))[0]
+        return _COUNT.unpack(recv_exactly(sock, _COUNT.size))[0]
     if kind == b"R":
-        size = _COUNT.unpack(_recv_exactly(sock, _COUNT.size))[0]
-        raise HandoffError("successor refused: " + _recv_exactly(sock, size).decode(
+        size = _COUNT.unpack(recv_exactly(sock, _COUNT.size))[0]
+        raise HandoffError("successor refused: " + recv_exactly(sock, size).decode(
             "utf-8", "replace"))
     raise HandoffError(f"successor answered {kind!r}")
 
@@ -105,8 +105,8 @@ def take(sock: socket.socket, max_fds: int) -> tuple[list[int], bytes]:
                 break
             raise HandoffError("giver closed mid-handoff" if not data
                                else f"unexpected chunk {data!r}")
-        header = _recv_exactly(sock, HEADER_SIZE)
-        payload = _recv_exactly(sock, payload_size(header))
+        header = recv_exactly(sock, HEADER_SIZE)
+        payload = recv_exactly(sock, payload_size(header))
         return received, header + payload
     except BaseException:
         for fd in received:
@@ -126,7 +126,7 @@ def refuse(sock: socket.socket, reason: str) -> None:
         pass  # the giver is gone: it has kept its fds, nothing to tell
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
     chunks, left = [], size
     while left:
         chunk = sock.recv(min(left, 1 << 20))

@@ -51,6 +51,12 @@ class Protocol:
     one_shot = False
     #: True when the reactor must ask liveness() each heartbeat round.
     checks_liveness = False
+    #: True when a held connection of this protocol may move to a successor
+    #: worker (:mod:`wsgi_hijack.handoff`): its per-connection state, if any,
+    #: goes through :meth:`handoff_state` and :meth:`resume`. False by
+    #: default, so that an own protocol with state of its own is never moved
+    #: without it: it says its goodbye instead, and the client reconnects.
+    movable = False
 
     @property
     def framer(self) -> Protocol:
@@ -86,6 +92,16 @@ class Protocol:
     def liveness(self, now: float) -> bytes | None:
         """None while the peer is alive; else last bytes to write before closing."""
         return None
+
+    def handoff_state(self, now: float) -> tuple[dict, bytes]:
+        """This connection's state as JSON-safe data, and client bytes to parse
+        again in the successor (a half-received frame); for a movable
+        protocol. The stateless ones have none."""
+        return {}, b""
+
+    def resume(self, state: dict, now: float) -> None:
+        """Take up ``state`` from :meth:`handoff_state` of the predecessor;
+        raise ValueError if it cannot be trusted."""
 
 
 def framed(protocol: Protocol, message: Message) -> bytes:

@@ -32,6 +32,7 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 class ChunkedStream(Protocol):
     name = "chunked"
+    movable = True
     heartbeat = encode_chunk(b"\n")
     goodbye = LAST_CHUNK
 

@@ -33,6 +33,7 @@ def response(messages: list[dict], last_id: int, gap: bool = False) -> bytes:
 
 class LongPoll(Protocol):
     name = "longpoll"
+    movable = True
     one_shot = True
 
     def frame(self, message: Message) -> bytes:

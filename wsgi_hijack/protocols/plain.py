@@ -25,6 +25,7 @@ HEAD_HEADERS = [
 
 class PlainStream(Protocol):
     name = "plain"
+    movable = True
 
     def __init__(self, beat: bytes = b"BEEP\n") -> None:
         if not isinstance(beat, bytes):

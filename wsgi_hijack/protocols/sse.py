@@ -56,6 +56,7 @@ def encode_event(data: str, event: str | None = None, id: int | str | None = Non
 
 class ServerSentEvents(Protocol):
     name = "sse"
+    movable = True
     heartbeat = b": ping\n\n"
 
     def __init__(self, retry_ms: int | None = None, restart_retry_ms: int | None = None) -> None:

@@ -51,6 +51,11 @@ Decisions:
   the connection is closed once that answer is flushed.
 - No extension is negotiated (no permessage-deflate), so the frames of a
   published message are the same bytes for every subscriber.
+- A held connection can move to another worker process mid-message:
+  :meth:`WebSocketProtocol.handoff_state` exports the parser's state as a
+  JSON-safe dict plus synthesised client frames, and
+  :meth:`WebSocketProtocol.resume` takes them up in a fresh object, so that
+  nothing the client sent is lost or delivered twice.
 - Each complete message the client sends (``str`` for text, ``bytes`` for
   binary) goes to :meth:`WebSocketProtocol.message_received`; when that
   refuses it (the app's queue is full), the connection is closed with 1008.
@@ -60,8 +65,12 @@ Decisions:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
+import math
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -69,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 from wsproto.connection import Connection as _WsConnection
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-from wsproto.frame_protocol import CloseReason, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
 from .. import config
 from .base import ConnectionDone, Protocol, ProtocolError, framed
@@ -168,6 +177,7 @@ class WebSocketProtocol(Protocol):
     heartbeat = PING
     goodbye = GOING_AWAY
     checks_liveness = True
+    movable = True
 
     def __init__(self, endpoint: Endpoint, subprotocol: str | None = None) -> None:
         self.endpoint = endpoint
@@ -280,6 +290,118 @@ class WebSocketProtocol(Protocol):
                                 b"".join(out) + close_frame(CloseReason.POLICY_VIOLATION,
                                                             "too many messages waiting"))
 
+    # -- moving to another process ----------------------------------------------------
+
+    def handoff_state(self, now: float) -> tuple[dict, bytes]:
+        """This connection's parsing state, for :meth:`resume` in another process.
+
+        Returns ``(state, input)``. ``state`` is JSON-safe: ``subprotocol``,
+        ``seen_ago`` (seconds since the peer was last heard, ``now`` on the
+        clock of ``_seen``), ``size`` (bytes of the message in progress so far),
+        ``parts`` (that message's data so far, joined: a ``str``, base64 when
+        ``binary``; None when no message is in progress) and ``binary``.
+        ``input`` is client frames (masked) that bring a fresh wsproto parser
+        to where this one is: a non-final frame of the message's opcode with
+        the bytes of a partly received UTF-8 character, the header of the
+        frame being read (for what is left of its payload), then the bytes
+        wsproto has not parsed yet. An idle parser gives ``b""``.
+
+        Read only: this object and its parser are left as they are (a busy
+        parser is never put in the pool of spare ones). Reads wsproto 1.3's
+        internals, as :func:`_idle` does."""
+        state = {"subprotocol": self.subprotocol, "seen_ago": max(0.0, now - self._seen),
+                 "size": self._size, "parts": None, "binary": False}
+        ws = self._ws
+        if ws is None:
+            return state, b""
+        if ws.state is not _OPEN:
+            raise RuntimeError("websocket is closing: nothing to hand off")
+        proto = ws._proto
+        decoder = proto._frame_decoder
+        message = proto._message_decoder
+        out = bytearray()
+        if message.opcode is not None:  # a message in progress
+            binary = message.opcode is Opcode.BINARY
+            parts = self._parts or ()
+            if binary:
+                state["parts"] = base64.b64encode(b"".join(parts)).decode("ascii")
+            else:
+                state["parts"] = "".join(parts)
+            state["binary"] = binary
+            pending = b"" if message.decoder is None else bytes(message.decoder.getstate()[0])
+            out += _client_header(message.opcode, False, (False, False, False), len(pending),
+                                  _ZERO_KEY) + pending  # a zero key: masked is as clear
+        header = decoder.header
+        if header is not None:  # a frame whose header is read, its payload not all
+            opcode = header.opcode
+            if message.opcode is not None and not opcode.iscontrol():
+                opcode = Opcode.CONTINUATION
+            masker = getattr(decoder.masker, "_masking_key", None)  # rotated as consumed
+            key = masker if masker is not None else header.masking_key or _ZERO_KEY
+            out += _client_header(opcode, header.fin, header.rsv,
+                                  header.payload_len - decoder.payload_consumed, key)
+        buffer = decoder.buffer  # wsproto's Buffer: its bytes from bytes_used on are unread
+        out += buffer.buffer[buffer.bytes_used:]
+        return state, bytes(out)
+
+    def resume(self, state: dict, now: float) -> None:
+        """Take up :meth:`handoff_state`'s ``state`` in this new object; ``now``
+        is on this process's monotonic clock. Then feed the ``input`` that came
+        with it through :meth:`receive_data`, before any new bytes from the
+        client. That is the normal path: a ping whose frame ``input``
+        completes is answered here (were a whole ping in it, answering it a
+        second time would be harmless: an extra pong). Receiving ``input``
+        counts as hearing from the peer, as any input does.
+
+        Raises ValueError naming the field when ``state`` is not one that
+        :meth:`handoff_state` makes, or when its subprotocol is not this one's;
+        RuntimeError when this object has already parsed input."""
+        if self._ws is not None or self._parts is not None:
+            raise RuntimeError("resume() needs a WebSocketProtocol that has parsed nothing")
+        if not isinstance(state, dict):
+            raise ValueError(f"websocket state must be a dict, not {type(state).__name__}")
+        fields = {"subprotocol", "seen_ago", "size", "parts", "binary"}
+        if state.keys() != fields:
+            missing, unknown = sorted(fields - state.keys()), sorted(state.keys() - fields)
+            raise ValueError(f"websocket state: missing fields {missing}, unknown {unknown}")
+        subprotocol, seen_ago, size = state["subprotocol"], state["seen_ago"], state["size"]
+        parts, binary = state["parts"], state["binary"]
+        if subprotocol is not None and not isinstance(subprotocol, str):
+            raise ValueError(f"websocket state: subprotocol must be a str or null: {subprotocol!r}")
+        if subprotocol is not None and self.subprotocol not in (None, subprotocol):
+            raise ValueError(f"websocket state: subprotocol {subprotocol!r} is not this "
+                             f"connection's {self.subprotocol!r}")
+        if isinstance(seen_ago, bool) or not isinstance(seen_ago, int | float) \
+                or not math.isfinite(seen_ago) or seen_ago < 0:
+            raise ValueError(f"websocket state: seen_ago must be a finite number >= 0: "
+                             f"{seen_ago!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"websocket state: size must be an int >= 0: {size!r}")
+        if not isinstance(binary, bool):
+            raise ValueError(f"websocket state: binary must be a bool: {binary!r}")
+        if parts is None:
+            if binary or size:
+                raise ValueError("websocket state: no parts (no message in progress) "
+                                 "but binary or size set")
+        elif not isinstance(parts, str):
+            raise ValueError(f"websocket state: parts must be a str or null, not "
+                             f"{type(parts).__name__}")
+        elif binary:
+            try:
+                parts = base64.b64decode(parts.encode("ascii"), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ValueError(f"websocket state: parts is not base64: {exc}") from None
+        if parts is not None:
+            length = len(parts) if binary else len(parts.encode("utf-8", "surrogatepass"))
+            if size != length:
+                raise ValueError(f"websocket state: size {size} is not the {length} bytes "
+                                 f"of parts")
+        if self.subprotocol is None:
+            self.subprotocol = subprotocol
+        self._seen = now - seen_ago
+        self._size = size
+        self._parts = None if parts is None else [parts]
+
 
 # One idle wsproto parser, reused by whichever idle connection receives next
 # (most incoming data is one whole frame: a pong, a short message). Only the
@@ -294,3 +416,19 @@ def _idle(ws: _WsConnection) -> bool:
     decoder = proto._frame_decoder
     return (ws.state is _OPEN and decoder.header is None and not len(decoder.buffer)
             and proto._message_decoder.opcode is None)
+
+
+_ZERO_KEY = b"\0\0\0\0"
+
+
+def _client_header(opcode: Opcode, fin: bool, rsv: tuple, length: int, key: bytes) -> bytes:
+    """A masked client frame's header (RFC 6455 5.2: the shortest length encoding,
+    which wsproto insists on), for :meth:`WebSocketProtocol.handoff_state`."""
+    first = (fin << 7) | (rsv[0] << 6) | (rsv[1] << 5) | (rsv[2] << 4) | int(opcode)
+    if length <= 125:
+        head = struct.pack("!BB", first, 0x80 | length)
+    elif length <= 0xFFFF:
+        head = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, length)
+    return head + bytes(key)

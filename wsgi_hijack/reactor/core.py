@@ -41,6 +41,11 @@ entry from other threads (:mod:`.entry`), counting what is held
    client's failure never stops the loop over the others.
 6. **closed** -- :meth:`Reactor.close` at worker exit writes each protocol's
    goodbye, best effort, and closes every fd.
+7. **moved** -- :meth:`Reactor.hand_off`, at worker exit when a successor
+   takes over: with the loop stopped, each state is read (:mod:`.moving`) and
+   given with its fd to the successor (:mod:`wsgi_hijack.handoff`), which
+   holds it again; this copy is then closed without a word. What cannot
+   move, or is not taken, gets its goodbye as in 6.
 
 Everything runs in one greenlet (``Loop._run``) that never blocks: every syscall
 on a client fd is non-blocking, and errors are caught per connection.
@@ -51,10 +56,10 @@ from __future__ import annotations
 import logging
 import os
 import select as _select_module
-import signal
-import threading
+import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -65,8 +70,9 @@ from .. import config
 from ..admission import Admission, Refusal
 from ..bus.base import Bus, Event, Message
 from ..connection import Connection, State
+from ..handoff.codec import ConnectionState
 from ..protocols.base import ConnectionDone, Protocol, ProtocolError
-from . import fanout
+from . import fanout, moving
 from .entry import HubEntry
 from .heartbeats import Heartbeats
 from .loop import Loop
@@ -145,7 +151,7 @@ class Reactor(Loop, Messages):
         """Start in the calling thread's gevent hub (the one serving requests)."""
         if self._running:
             return self
-        _ignore_sigpipe()
+        fanout.ignore_sigpipe()
         if self.bus is None:
             from ..bus.process import get_bus
 
@@ -187,8 +193,38 @@ class Reactor(Loop, Messages):
         if not self._entry.in_hub():
             self._entry.call_and_wait(lambda: self.close(goodbye), timeout, None)
             return
-        self._running = False
+        self._stop()
+        self._close_all(goodbye)
+
+    def hand_off(self, give: Callable[[list[Connection], list[ConnectionState]], bool]) -> int:
+        """Move what can move (``give(conns, states)`` says whether a successor
+        took them all), then close as :meth:`close` does; returns how many moved."""
+        if not self._running:
+            return 0
+        if not self._entry.in_hub():
+            return self._entry.call_and_wait(lambda: self.hand_off(give), 120.0, 0)
+        self._stop()
+        conns, states = moving.states(list(self._conns.values()), self.router, self._timers,
+                                      self._on_deadline)
+        taken = False
+        try:
+            taken = give(conns, states)  # even none: the bus's state may move
+        except Exception:
+            log.exception("handing %d connections off failed; they get their goodbye",
+                          len(conns))
+        if taken:
+            for conn in conns:  # the successor holds them: close this copy, say nothing
+                self._drop(conn, "moved")
+        self._close_all(goodbye=True)
+        return len(conns) if taken else 0
+
+    def _stop(self) -> None:
+        """The loop stops: nothing is read, written or delivered after this
+        (what the bus still dispatches is in its history)."""
         self._adopt()
+        self._running = False
+
+    def _close_all(self, goodbye: bool) -> None:
         for conn in list(self._conns.values()):
             protocol = conn.protocol
             if goodbye and not conn.closing:
@@ -226,14 +262,21 @@ class Reactor(Loop, Messages):
         gets what it missed after that id. ``timeout`` (seconds) is for
         one-shot protocols: when it passes, ``protocol.timeout()`` is written
         and the connection closed.
+
+        A socket moved here from another worker (``sock.resumed``) carries on
+        from its state instead (:func:`.moving.resume`).
         """
         if not self._running:
             raise RuntimeError("reactor is not running; get it with wsgi_hijack.get_reactor()")
         if not isinstance(protocol.heartbeat, (bytes, bytearray)):
             raise TypeError(f"{type(protocol).__name__}.heartbeat must be bytes (b'' for "
                             f"none), got {type(protocol.heartbeat).__name__}")
+        resumed = getattr(sock, "resumed", None)
+        if resumed is not None:
+            initial, last_id, timeout = moving.resume(protocol, resumed)
         take_pending = getattr(sock, "take_pending", None)
         pending = take_pending() if take_pending is not None else b""
+        request = getattr(sock, "request", None)
         fd = sock.detach()
         if fd < 0:
             raise ValueError(f"{sock!r} has no open file descriptor")
@@ -241,6 +284,7 @@ class Reactor(Loop, Messages):
         conn = Connection(fd, protocol)
         conn.outbuf = initial
         conn.channels = tuple(channels)
+        conn.request = sys.intern(request) if request else None
         conn.ip = self.occupancy.handed_over(getattr(sock, "peer_ip", None))
         self._inbox.append((conn, pending, last_id, timeout))
         self._async.send()  # wakes the hub, from this thread or any other
@@ -273,10 +317,7 @@ class Reactor(Loop, Messages):
         if not self._entry.in_hub():
             return self._entry.call_and_wait(self.drop_all, 5.0, 0)
         self._adopt()
-        conns = list(self._conns.values())
-        for conn in conns:
-            self._drop(conn, None)
-        return len(conns)
+        return len([self._drop(conn, None) for conn in list(self._conns.values())])
 
     # -- 2. stored ---------------------------------------------------------------
 
@@ -402,8 +443,9 @@ class Reactor(Loop, Messages):
             self._armed.add(conn.fd)
 
     def write(self, conn: Connection, data: bytes) -> None:
-        """Write to one held connection; call from the reactor's thread."""
-        if conn.fd >= 0:
+        """Write to one held connection; call from the reactor's thread. Once
+        the reactor has stopped (closing, or its connections moving), nothing."""
+        if conn.fd >= 0 and self._running:
             self._write(conn, data)
 
     # -- 4. drained ------------------------------------------------------------------
@@ -455,12 +497,3 @@ def _close_fd(conn: Connection) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-def _ignore_sigpipe() -> None:
-    # Writes to a client that reset would raise SIGPIPE and kill the process
-    # unless it is ignored; CPython ignores it at startup, but an embedding
-    # program may not have.
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from itertools import repeat
 from typing import Any
@@ -157,3 +159,12 @@ def fan_out(data: bytes, group: dict[int, Any], armed: set[int], senders: list[S
     for conn in waiting:
         if conn.fd >= 0:
             slow(conn, data)
+
+
+def ignore_sigpipe() -> None:
+    # Writes to a client that reset would raise SIGPIPE and kill the process
+    # unless it is ignored; CPython ignores it at startup, but an embedding
+    # program may not have.
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)

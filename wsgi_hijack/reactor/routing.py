@@ -216,6 +216,15 @@ class Router:
             self._stale[channel] = self._stale.get(channel, 0) + awaited
         return True
 
+    def position(self, conn: Connection) -> int:
+        """The id up to which ``conn`` has had its channels' messages: where it
+        carries on after a move. A waiting connection that asked for nothing
+        missed carries on from what was delivered here."""
+        waiting = self._waiting.get(conn)
+        if waiting is not None:
+            return waiting
+        return max(self.delivered_upto, self._skip.get(conn, 0))
+
     def subscriber_count(self, channel: str) -> int:
         return sum(map(len, self.subscribers.get(channel, {}).values()))
 

@@ -28,6 +28,7 @@ class Stats:
             "dropped_protocol": 0,  # client sent what its protocol refuses
             "dropped_dead": 0,  # peer failed its protocol's liveness check (missed pongs)
             "completed": 0,  # one-shot responses written and closed
+            "moved": 0,  # handed to a successor worker (wsgi_hijack.handoff)
             "messages": 0,  # messages delivered (each to all its subscribers)
             "deliveries": 0,  # frames written to subscribers
             "rounds": 0,

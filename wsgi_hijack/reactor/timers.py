@@ -39,5 +39,9 @@ class Timers:
             out.append((callback, argument))
         return out
 
+    def entries(self) -> list[tuple[float, Callable[[Any], None], Any]]:
+        """``(when, callback, argument)`` of every entry, in no order."""
+        return [(when, callback, argument) for when, _, callback, argument in self._heap]
+
     def __len__(self) -> int:
         return len(self._heap)

@@ -36,6 +36,7 @@ from gunicorn.workers import ggevent
 
 from .. import config, metrics
 from ..admission import FdBudget
+from ..handoff import worker as handoff
 from ..lobby import Lobby
 from ..reactor import get_reactor
 from . import checks
@@ -80,6 +81,12 @@ class GeventWorker(ggevent.GeventWorker):
                 lobby_metrics.sync(lobby.stats, lobby.waiting)
             gevent.sleep(1.0)
         self._stop(lobby, pool)
+
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        # Stop being a successor at once: the park must not give this worker
+        # connections while it leaves (wsgi_hijack.handoff.worker).
+        handoff.leaving()
+        super().handle_exit(sig, frame)
 
     def _hand_off(self, client: Any, listener: Any) -> bool:
         if self.pool.full():
