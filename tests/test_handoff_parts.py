@@ -63,7 +63,8 @@ def test_a_truncated_or_corrupted_batch_is_refused_whole(items, data):
 @pytest.mark.parametrize("bad, reason", [
     ({"fd": 5, "protocol": "sse"}, "names fd 5"),
     ({"fd": 0, "protocol": ""}, "protocol must be a name"),
-    ({"fd": 0, "protocol": "sse", "request": "GET http://x/ HTTP/1.1"}, "request must be a request line"),
+    ({"fd": 0, "protocol": "sse", "request": "GET http://x/ HTTP/1.1"},
+     "request must be a request line"),
     ({"fd": 0, "protocol": "sse", "last_id": -1}, "last_id"),
     ({"fd": 0, "protocol": "sse", "outbuf": "%%%"}, "base64"),
     ({"fd": 0, "protocol": "sse", "channels": "c"}, "channels"),

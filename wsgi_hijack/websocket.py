@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -114,8 +115,17 @@ class WebSocket(WebSocketProtocol):
 
     def handoff_state(self, now: float) -> tuple[dict, bytes]:
         """The protocol's state, and the messages its callback has not taken
-        yet: they move (out of this queue) and run in the successor's code."""
+        yet: they move (out of this queue) and run in the successor's code.
+        :attr:`data` moves too when it is JSON (what the app decided at the
+        handshake, from headers the resumed request no longer has); else the
+        successor's route gives it again."""
         state, input_ = super().handoff_state(now)
+        try:
+            json.dumps(self.data)
+        except (TypeError, ValueError):
+            pass
+        else:
+            state["data"] = self.data
         queue = self._queue
         if queue:
             state["queued"] = [m if isinstance(m, str) else
@@ -125,6 +135,8 @@ class WebSocket(WebSocketProtocol):
 
     def resume(self, state: dict, now: float) -> None:
         state = dict(state)
+        if "data" in state:
+            self.data = state.pop("data")
         queued = state.pop("queued", [])
         if not isinstance(queued, list):
             raise ValueError("queued must be a list of messages")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import config
 from . import rendezvous
 
 log = logging.getLogger("wsgi_hijack.handoff")
@@ -49,17 +50,21 @@ def workers_changed(server: Any) -> None:
 
 
 def stop(server: Any) -> None:
-    """From ``on_exit``: the park says goodbye for what it still holds, and ends."""
+    """From ``on_exit``: the park gives on what it still holds (to another
+    master's workers, in a binary upgrade) or says its goodbye, then ends."""
     global _park
     if _park is None:
         return
     where = rendezvous.directory(None)
     rendezvous.mark(rendezvous.stopping(where, os.getpid()))
-    _park.terminate()
     try:
-        _park.wait(10.0)
+        _park.wait(config.handoff_timeout() + 5.0)
     except subprocess.TimeoutExpired:
-        _park.kill()
+        _park.terminate()
+        try:
+            _park.wait(10.0)
+        except subprocess.TimeoutExpired:
+            _park.kill()
     _park = None
     for path in (rendezvous.stopping(where, os.getpid()),
                  where / f"master-{os.getpid()}.json"):

@@ -17,12 +17,15 @@ thread in it: the master forks workers, and a fork would copy every parked
 fd into the new worker, which would then keep clients open that nobody
 serves. It answers:
 
-- ``G`` then a give (:mod:`.transport`): a departing worker's connections,
-  refused while the master is stopping (the giver then says goodbye itself);
+- ``G`` then a give (:mod:`.transport`): a departing worker's connections.
+  While the master is stopping, they can go only to another master's
+  workers (a binary upgrade, ``USR2``): with no other master here, the give
+  is refused and the giver says goodbye itself (a shutdown);
 - ``B``: the in-process bus's state, given once, to the first successor that
   asks (``S`` + length + JSON), or ``N``.
 
-It exits when its master is gone, saying goodbye for what it still holds.
+It exits when its master is gone, saying goodbye for what it still holds,
+or once its master is stopping and it holds nothing.
 
     python -m wsgi_hijack.handoff.park DIRECTORY MASTER_PID
 """
@@ -34,6 +37,7 @@ import logging
 import os
 import resource
 import select
+import signal
 import socket
 import struct
 import sys
@@ -44,7 +48,7 @@ from pathlib import Path
 from .. import config
 from . import rendezvous, transport
 from .codec import ConnectionState, HandoffError, decode_batch, encode_batch
-from .successors import spread, successors
+from .successors import parent, spread, successors
 
 log = logging.getLogger("wsgi_hijack.handoff.park")
 
@@ -78,9 +82,14 @@ class Park:
     def stopping(self) -> bool:
         return rendezvous.stopping(self.where, self.master).exists()
 
+    def other_masters(self) -> bool:
+        own = rendezvous.park_socket(self.where, self.master)
+        return any(path != own for path in rendezvous.parks(self.where))
+
     def run(self) -> None:
         try:
-            while rendezvous.alive(self.master) and self.master == os.getppid():
+            while rendezvous.alive(self.master) and self.master == os.getppid() and \
+                    not (self.stopping and not self.parked):
                 ready, _, _ = select.select([self.listener], [], [], 0.05)
                 if ready:
                     conn, _ = self.listener.accept()
@@ -117,8 +126,9 @@ class Park:
     def _take(self, conn: socket.socket, giver: int) -> None:
         fds, message = transport.take(conn, _room())
         try:
-            if self.stopping:
-                raise HandoffError("the master is shutting down: say goodbye")
+            if self.stopping and not self.other_masters():
+                raise HandoffError("the master is shutting down and no other master "
+                                   "runs: say goodbye")
             meta, states = decode_batch(message, len(fds))
         except HandoffError as exc:
             for fd in fds:
@@ -136,7 +146,7 @@ class Park:
     def _place(self) -> None:
         now = time.monotonic()
         for batch in list(self.parked):
-            if self.stopping:
+            if self.stopping and not self.other_masters():
                 self._goodbye(batch, "the master is shutting down")
             elif now > batch.deadline:
                 self._goodbye(batch, "no successor took them in time")
@@ -146,8 +156,9 @@ class Park:
                 self.parked.remove(batch)
 
     def _give_on(self, batch: Parked, now: float) -> None:
+        stopping = self.stopping  # then only another master's workers take them
         takers = [(pid, path) for pid, path in successors(self.where, batch.giver)
-                  if pid not in batch.failed]
+                  if pid not in batch.failed and not (stopping and parent(pid) == self.master)]
         if not takers:
             return
         if batch.first_taker_seen is None:
@@ -208,6 +219,8 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=config.log_level(),
                         format="[%(asctime)s] [%(process)d] [%(name)s] %(message)s")
+    # Ended by its master (on_exit): say goodbye for what it holds, then exit.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -26,6 +26,15 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])  # field 22 of the whole line
 
 
+def parent(pid: int) -> int | None:
+    """``pid``'s parent, None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
 def successors(directory: str | Path, giver: int) -> list[tuple[int, Path]]:
     """``(pid, socket path)`` of the workers that started after ``giver``,
     oldest first."""

@@ -227,7 +227,8 @@ def leaving() -> None:
 
 def leave(reactor: Any) -> int:
     """Give every held connection (and the bus) to the master's park; returns
-    how many moved. When the master stops, or there is no park, say goodbye."""
+    how many moved. When the master stops and no other master runs (a
+    shutdown), or there is no park, say goodbye."""
     this = _this
     if this is None:
         reactor.close(goodbye=True)
@@ -238,7 +239,10 @@ def leave(reactor: Any) -> int:
     master = os.getppid()
     park = rendezvous.park_socket(this.where, master)
     try:
-        if rendezvous.stopping(this.where, master).exists() or not park.exists():
+        own_park = [park]
+        nobody = rendezvous.stopping(this.where, master).exists() and \
+            not [p for p in rendezvous.parks(this.where) if p not in own_park]
+        if nobody or not park.exists():  # a shutdown: no successor will come
             reactor.close(goodbye=True)
             return 0
         bus = reactor.bus
