@@ -198,6 +198,7 @@ def argv_for(kind: str, port: int, app: str = "wsgi_hijack:app",
 
     - ``gunicorn``: with the project's settings (``config``: its workers, the
       lobby, SO_REUSEPORT per worker; or ``python:wsgi_hijack.gunicorn_conf``);
+      ``gunicorn-script`` the same through the console script;
     - ``gunicorn-plain``: no settings file; gunicorn's own gevent worker
       unless ``args`` name another (``-k``);
     - ``pywsgi``, ``werkzeug``, ``werkzeug-debug``, ``wsgiref``:
@@ -208,9 +209,14 @@ def argv_for(kind: str, port: int, app: str = "wsgi_hijack:app",
 
     ``args`` go before the app."""
     bind = f"{wire.HOST}:{port}"
-    if kind == "gunicorn":
-        return [sys.executable, "-m", "gunicorn", "-c", str(config), "-b", bind,
-                "--no-control-socket", *args, app]
+    if kind in ("gunicorn", "gunicorn-script"):
+        # gunicorn-script: the console script, as operators run it. A binary
+        # upgrade (USR2) executes the master's argv again, and ``python -m
+        # gunicorn`` would come back as ``python .../gunicorn/__main__.py``,
+        # whose directory shadows the standard library's ``http``.
+        program = [str(Path(sys.executable).parent / "gunicorn")] if kind == "gunicorn-script" \
+            else [sys.executable, "-m", "gunicorn"]
+        return [*program, "-c", str(config), "-b", bind, "--no-control-socket", *args, app]
     if kind == "gunicorn-plain":
         worker = () if "-k" in args else ("-k", "gevent")
         return [sys.executable, "-m", "gunicorn", *worker, "-b", bind,

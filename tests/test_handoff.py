@@ -27,6 +27,7 @@ from wsproto.events import AcceptConnection, Message, Request, TextMessage
 from harness import servers, wire
 from harness.clients import wait_for
 from harness.recorder import Recorder, Stream
+from wsgi_hijack.handoff.successors import parent
 
 HERE = Path(__file__).parent
 HEARTBEAT = 2.0
@@ -36,7 +37,7 @@ class Deployment:
     """The test app under gunicorn, with its own handoff directory."""
 
     def __init__(self, tmp: Path, workers: int = 1, args: tuple[str, ...] = (),
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, kind: str = "gunicorn") -> None:
         self.tmp = tmp
         self.code = tmp / "code"
         self.code.mkdir(exist_ok=True)
@@ -48,7 +49,7 @@ class Deployment:
                     "WSGI_HIJACK_HANDOFF_DIR": str(self.rendezvous),
                     "HANDOFF_TICKS": str(self.ticks), "WEB_CONCURRENCY": str(workers),
                     **(env or {})}
-        self.server = servers.start("gunicorn", tmp, app="handoff_app:app",
+        self.server = servers.start(kind, tmp, app="handoff_app:app",
                                     args=("--workers", str(workers), *args),
                                     env=self.env, heartbeat=HEARTBEAT,
                                     ready=servers.workers_ready(workers),
@@ -332,3 +333,114 @@ def test_reload_moves_every_connection_to_the_new_code(deploy):
     # No fd left behind: the park is back where it was.
     assert fds(park) == park_fds
     assert "Traceback" not in deployment.server.log()
+
+
+# -- the other restarts ---------------------------------------------------------------
+
+
+def _sse_clients(deployment: Deployment, recorder: Recorder, count: int,
+                 since: int) -> list[Stream]:
+    streams = [open_stream(deployment, recorder, "/events?channel=news&channel=tick", f"sse{i}",
+                           f"Last-Event-ID: {since}\r\n") for i in range(count)]
+    for stream in streams:
+        recorder.wait_for(stream, b"retry: 2000\n\n")
+    return streams
+
+
+def _finish(deployment: Deployment, recorder: Recorder, publisher: Publisher,
+            streams: list[Stream], since: int) -> list[tuple[int, str]]:
+    """Stop publishing, publish ``last``, wait for it everywhere; what each should have."""
+    time.sleep(1)
+    publisher.stop()
+    last = wait_for(lambda: deployment.publish("news", "last"), "a publish after the restart")
+    for stream in streams:
+        recorder.wait_for(stream, b"data: last\n")
+    return [m for m in sorted([*expected(publisher, deployment, since), (last, "last")])
+            if m[0] <= last]
+
+
+def _assert_untouched(streams: list[Stream], want: list[tuple[int, str]]) -> None:
+    last = want[-1][0]
+    for stream in streams:
+        assert stream.closed_at is None, f"{stream.name} was closed"
+        assert stream.heads() == 1, stream.name
+        assert [m for m in sse_events(stream.data) if m[0] <= last] == want, stream.name
+
+
+@pytest.mark.parametrize("how", ["max_requests", "worker_exits"])
+def test_a_recycled_worker_hands_its_connections_to_its_replacement(deploy, how):
+    """max_requests (with jitter), or a worker that exits on its own: the worker
+    leaves first and the master forks its replacement after; the park keeps
+    the connections in between."""
+    args = ("--max-requests", "40", "--max-requests-jitter", "10") if how == "max_requests" \
+        else ()
+    deployment = deploy(args=args)
+    recorder = Recorder()
+    try:
+        since = deployment.publish("news", "before")
+        streams = _sse_clients(deployment, recorder, 4, since)
+        old = deployment.stats()["pid"]
+        publisher = Publisher(deployment)
+        if how == "worker_exits":
+            deployment.signal(signal.SIGTERM, old)
+        # Requests count towards max_requests (the publisher's too).
+        wait_for(lambda: deployment.stats()["pid"] != old, "the replacement", 60)
+        wait_for(lambda: deployment.stats()["held"] == 4, "the moved connections", 30)
+        want = _finish(deployment, recorder, publisher, streams, since)
+    finally:
+        recorder.stop()
+    _assert_untouched(streams, want)
+    assert f"gave 4 held connections to the park of master {deployment.master}" in \
+        deployment.server.log()
+
+
+def test_binary_upgrade_moves_connections_to_the_new_masters_workers(deploy):
+    """USR2 starts a new master (with its own park); WINCH and QUIT to the old
+    one. gunicorn ignores WINCH when it is not daemonized; QUIT stops the old
+    workers at once, and as another master runs, their connections move to
+    its workers (with the in-process bus, its history and ids too)."""
+    deployment = deploy(kind="gunicorn-script")
+    recorder = Recorder()
+    try:
+        since = deployment.publish("news", "before")
+        streams = _sse_clients(deployment, recorder, 4, since)
+        old_worker = deployment.stats()["pid"]
+        publisher = Publisher(deployment)
+        deployment.signal(signal.SIGUSR2)
+        new_master = wait_for(lambda: [int(p.name[7:-5]) for p in
+                                       deployment.rendezvous.glob("master-*.sock")
+                                       if int(p.name[7:-5]) != deployment.master],
+                              "the new master's park", 30)[0]
+        wait_for(lambda: len(servers_children(new_master)) >= 2, "the new master's worker", 30)
+        deployment.signal(signal.SIGWINCH)
+        deployment.signal(signal.SIGQUIT)
+        wait_for(lambda: deployment.server.proc.poll() is not None, "the old master's exit", 60)
+        wait_for(lambda: (s := deployment.stats())["pid"] != old_worker and s["held"] == 4,
+                 "the new master's worker holding the connections", 30)
+        want = _finish(deployment, recorder, publisher, streams, since)
+    finally:
+        recorder.stop()
+    _assert_untouched(streams, want)
+    assert parent(deployment.stats()["pid"]) == new_master
+
+
+def test_shutdown_says_goodbye(deploy):
+    """SIGTERM to the master: nobody to hand to, so every client gets its goodbye
+    (SSE: a retry hint, then the close), and nothing is left behind."""
+    deployment = deploy()
+    recorder = Recorder()
+    try:
+        streams = _sse_clients(deployment, recorder, 3, 0)
+        park = deployment.park()
+        deployment.signal(signal.SIGTERM)
+        for stream in streams:
+            wait_for(lambda s=stream: s.closed_at, "the goodbye", 30)
+        deployment.server.proc.wait(30)
+    finally:
+        recorder.stop()
+    for stream in streams:
+        assert stream.data.endswith(b"retry: 1000\n\n"), stream.data[-100:]
+    assert not os.path.exists(f"/proc/{park}")
+    assert sorted(p.name for p in deployment.rendezvous.iterdir()) == []
+    log = deployment.server.log()
+    assert "gave" not in log and "Traceback" not in log

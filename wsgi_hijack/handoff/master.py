@@ -57,14 +57,11 @@ def stop(server: Any) -> None:
         return
     where = rendezvous.directory(None)
     rendezvous.mark(rendezvous.stopping(where, os.getpid()))
+    _park.terminate()  # it ends once it holds nothing
     try:
         _park.wait(config.handoff_timeout() + 5.0)
     except subprocess.TimeoutExpired:
-        _park.terminate()
-        try:
-            _park.wait(10.0)
-        except subprocess.TimeoutExpired:
-            _park.kill()
+        _park.kill()
     _park = None
     for path in (rendezvous.stopping(where, os.getpid()),
                  where / f"master-{os.getpid()}.json"):

@@ -25,7 +25,7 @@ serves. It answers:
   asks (``S`` + length + JSON), or ``N``.
 
 It exits when its master is gone, saying goodbye for what it still holds,
-or once its master is stopping and it holds nothing.
+or, told by the master's ``on_exit`` (SIGTERM), once it holds nothing.
 
     python -m wsgi_hijack.handoff.park DIRECTORY MASTER_PID
 """
@@ -76,6 +76,8 @@ class Park:
         self.master = master
         self.parked: list[Parked] = []
         self.bus_state: dict | None = None
+        #: SIGTERM from the master's on_exit: end once nothing is parked.
+        self.finishing = False
         self.listener = transport.listen(rendezvous.park_socket(where, master))
 
     @property
@@ -89,7 +91,7 @@ class Park:
     def run(self) -> None:
         try:
             while rendezvous.alive(self.master) and self.master == os.getppid() and \
-                    not (self.stopping and not self.parked):
+                    not (self.finishing and not self.parked):
                 ready, _, _ = select.select([self.listener], [], [], 0.05)
                 if ready:
                     conn, _ = self.listener.accept()
@@ -219,12 +221,16 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=config.log_level(),
                         format="[%(asctime)s] [%(process)d] [%(name)s] %(message)s")
-    # Ended by its master (on_exit): say goodbye for what it holds, then exit.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    Park(rendezvous.directory(None) if not argv[0] else Path(argv[0]), int(argv[1])).run()
+    park = Park(Path(argv[0]), int(argv[1]))
+
+    def finish(signum: int, frame: object) -> None:  # the master's on_exit
+        park.finishing = True
+
+    signal.signal(signal.SIGTERM, finish)
+    park.run()
     return 0
 
 
