@@ -15,6 +15,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from wsproto.events import AcceptConnection, Message, Request, TextMessage
 from harness import servers, wire
 from harness.clients import wait_for
 from harness.recorder import Recorder, Stream
+from wsgi_hijack.handoff import rendezvous, transport
+from wsgi_hijack.handoff.codec import ConnectionState, HandoffError, encode_batch
 from wsgi_hijack.handoff.successors import parent
 
 HERE = Path(__file__).parent
@@ -444,3 +448,207 @@ def test_shutdown_says_goodbye(deploy):
     assert sorted(p.name for p in deployment.rendezvous.iterdir()) == []
     log = deployment.server.log()
     assert "gave" not in log and "Traceback" not in log
+
+
+# -- faults ----------------------------------------------------------------------------
+
+DYING_SUCCESSOR = """
+import os, socket, sys
+path = sys.argv[1] + f"/worker-{os.getpid()}.sock"
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(path)
+listener.listen(1)
+print("listening", flush=True)
+conn, _ = listener.accept()
+socket.recv_fds(conn, 1, 250)  # the first chunk of fds, then it dies
+os.unlink(path)
+os._exit(1)
+"""
+
+
+def test_a_successor_that_dies_mid_handoff_costs_nothing(deploy):
+    """A process that looks like a successor takes the first chunk of fds and
+    dies: the park still holds every connection and gives them to the real
+    replacement; no client sees anything, no fd is left behind."""
+    deployment = deploy()
+    recorder = Recorder()
+    try:
+        since = deployment.publish("news", "before")
+        streams = _sse_clients(deployment, recorder, 4, since)
+        old = deployment.stats()["pid"]
+        park = deployment.park()
+        park_fds = fds(park)
+        dying = subprocess.Popen([sys.executable, "-c", DYING_SUCCESSOR,
+                                  str(deployment.rendezvous)], stdout=subprocess.PIPE)
+        assert dying.stdout.readline() == b"listening\n"
+        publisher = Publisher(deployment)
+        deployment.signal(signal.SIGTERM, old)  # replaced after it exits
+        assert dying.wait(30) == 1
+        wait_for(lambda: (s := deployment.stats())["pid"] != old and s["held"] == 4,
+                 "the replacement holding the connections", 30)
+        want = _finish(deployment, recorder, publisher, streams, since)
+    finally:
+        recorder.stop()
+    _assert_untouched(streams, want)
+    log = deployment.server.log()
+    assert "did not take 4 connections" in log
+    assert fds(park) == park_fds
+
+
+def test_without_a_successor_in_time_clients_get_the_goodbye_and_lose_nothing(deploy):
+    """The new worker boots too slowly for WSGI_HIJACK_HANDOFF_TIMEOUT: the
+    park says each connection's goodbye; clients reconnect with Last-Event-ID
+    and get everything (the bus's ids and history still move)."""
+    deployment = deploy(env={"WSGI_HIJACK_HANDOFF_TIMEOUT": "2"})
+    recorder = Recorder()
+    try:
+        since = deployment.publish("news", "before")
+        streams = _sse_clients(deployment, recorder, 3, since)
+        publisher = Publisher(deployment)
+        deployment.set_version("v2", boot_delay=6)
+        deployment.signal(signal.SIGHUP)
+        for stream in streams:
+            wait_for(lambda s=stream: s.closed_at, "the goodbye", 30)
+        assert all(s.data.endswith(b"retry: 1000\n\n") for s in streams)
+        # Each client reconnects as EventSource does, from the last id it saw.
+        again = []
+        for i, stream in enumerate(streams):
+            last = sse_events(stream.data)[-1][0]
+            again.append(open_stream(deployment, recorder, "/events?channel=news&channel=tick",
+                                     f"again{i}", f"Last-Event-ID: {last}\r\n"))
+        for stream in again:
+            recorder.wait_for(stream, b"retry: 2000\n\n", 30)
+        want = _finish(deployment, recorder, publisher, again, since)
+    finally:
+        recorder.stop()
+    for first, second in zip(streams, again, strict=True):
+        got = sse_events(first.data) + sse_events(second.data)
+        assert [m for m in got if m[0] <= want[-1][0]] == want
+    assert "no successor took them in time" in deployment.server.log()
+
+
+def test_clients_that_leave_while_parked_are_dropped_and_the_rest_move(deploy):
+    """Clients close while their connections wait in the park (the successor
+    boots slowly): the successor finds them closed and drops them; the others
+    move as usual."""
+    deployment = deploy()
+    recorder = Recorder()
+    try:
+        since = deployment.publish("news", "before")
+        streams = _sse_clients(deployment, recorder, 6, since)
+        old = deployment.stats()["pid"]
+        publisher = Publisher(deployment)
+        deployment.set_version("v2", boot_delay=3)
+        deployment.signal(signal.SIGHUP)
+        wait_for(lambda: "park: took 6 connections" in deployment.server.log(), "the park", 30)
+        for stream in streams[:3]:  # gone while parked
+            stream.sock.shutdown(socket.SHUT_RDWR)
+        new = wait_for(lambda: (s := deployment.stats())["pid"] != old and s["held"] == 3 and s,
+                       "the new worker holding the 3 left", 30)
+        want = _finish(deployment, recorder, publisher, streams[3:], since)
+    finally:
+        recorder.stop()
+    _assert_untouched(streams[3:], want)
+    assert new["adopted"] == 6 and new["dropped_closed"] == 3
+
+
+def _give_plain(path: Path, count: int) -> tuple[int, list[socket.socket]]:
+    """Give ``count`` socketpair ends to the worker at ``path`` as plain streams
+    of ``GET /``; returns what it took and our ends."""
+    ours, theirs = [], []
+    for _ in range(count):
+        a, b = socket.socketpair()
+        ours.append(a)
+        theirs.append(b)
+    states = [ConnectionState(i, "plain", "GET / HTTP/1.1") for i in range(count)]
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(str(path))
+            taken = transport.give(sock, [s.fileno() for s in theirs], encode_batch(states))
+    finally:
+        for s in theirs:
+            s.close()  # the worker has its own copies
+    return taken, ours
+
+
+def test_two_gives_at_once_to_one_worker_both_land(deploy):
+    """Two departing workers hand to the same new worker at the same moment:
+    it takes one give after the other, and holds both."""
+    deployment = deploy()
+    worker = deployment.listening()[0]
+    path = rendezvous.worker_socket(deployment.rendezvous, worker)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(_give_plain(path, 5)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [taken for taken, _ in results] == [5, 5]
+    wait_for(lambda: deployment.stats()["held"] == 10, "both gives held")
+    for _, ours in results:
+        for sock in ours:  # each resumed: a heartbeat at once
+            sock.settimeout(10)
+            assert sock.recv(100).startswith(b"BEEP\n")
+            sock.close()
+
+
+def test_bad_handoffs_are_refused_and_cost_nothing(deploy):
+    """A stranger, a corrupted batch, a truncated one, a give to a worker that
+    is itself leaving: each is refused with its reason; the park and the
+    worker keep running with the fds they had, and the held clients see
+    nothing."""
+    deployment = deploy()
+    recorder = Recorder()
+    try:
+        streams = _sse_clients(deployment, recorder, 2, 0)
+        park = deployment.park()
+        worker = deployment.listening()[0]
+        park_path = rendezvous.park_socket(deployment.rendezvous, deployment.master)
+        before = fds(park), fds(worker)
+        # A stranger: the socket is this user's only (0600), and the peer is checked.
+        stranger = subprocess.run(
+            [sys.executable, "-c", "import os, socket, sys; os.setgid(65534); os.setuid(65534);"
+             "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])", str(park_path)],
+            capture_output=True, text=True)
+        assert "PermissionError" in stranger.stderr
+        # A corrupted batch, then a truncated one.
+        a, b = socket.socketpair()
+        message = bytearray(encode_batch([ConnectionState(0, "plain", "GET / HTTP/1.1")]))
+        message[-3] ^= 0xFF
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(park_path))
+            sock.sendall(b"G")
+            with pytest.raises(HandoffError, match="corrupted payload"):
+                transport.give(sock, [b.fileno()], bytes(message))
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(park_path))
+            sock.sendall(b"G")
+            socket.send_fds(sock, [b"F"], [b.fileno()])
+            sock.sendall(b"E" + bytes(message[:20]))  # and then the giver is gone
+        wait_for(lambda: "truncated" in deployment.server.log() or
+                 "connection closed" in deployment.server.log(), "the truncated one refused")
+        b.send(b"still ours")  # our fd was never taken from us
+        assert a.recv(100) == b"still ours"
+        # A give to a worker that is leaving itself: refused, the giver keeps its fds.
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(str(rendezvous.worker_socket(deployment.rendezvous, worker)))
+            wait_for(lambda: fds(worker) > before[1], "the worker's accept")
+            deployment.signal(signal.SIGTERM, worker)
+            wait_for(lambda: worker not in deployment.listening(), "the worker leaving")
+            with pytest.raises(HandoffError, match="shutting down itself"):
+                transport.give(sock, [b.fileno()], encode_batch(
+                    [ConnectionState(0, "plain", "GET / HTTP/1.1")]))
+        assert fds(park) == before[0]
+        b.send(b"still ours")
+        assert a.recv(100) == b"still ours"
+        a.close()
+        b.close()
+        wait_for(lambda: (s := deployment.stats())["pid"] != worker and s["held"] == 2,
+                 "the replacement")
+    finally:
+        recorder.stop()
+    for stream in streams:
+        assert stream.closed_at is None and stream.heads() == 1
