@@ -12,6 +12,7 @@ what follows.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -652,3 +653,45 @@ def test_bad_handoffs_are_refused_and_cost_nothing(deploy):
         recorder.stop()
     for stream in streams:
         assert stream.closed_at is None and stream.heads() == 1
+
+
+# -- several workers ---------------------------------------------------------------------
+
+
+def test_four_workers_with_redis_spread_each_old_workers_connections_evenly(deploy,
+                                                                           redis_server):
+    """Four workers (SO_REUSEPORT) and the Redis bus: on HUP each old worker's
+    connections are dealt evenly over the four new workers; every message
+    reaches every client once, in order (each worker's own thread publishes
+    too)."""
+    deployment = deploy(workers=4, env={"WSGI_HIJACK_REDIS_URL": redis_server.url})
+    recorder = Recorder()
+    try:
+        since = deployment.publish("news", "before")
+        streams = _sse_clients(deployment, recorder, 41, since)
+        old = set(deployment.listening())
+        publisher = Publisher(deployment)
+        time.sleep(1)
+        deployment.signal(signal.SIGHUP)
+        wait_for(lambda: len(set(deployment.listening()) - old) == 4
+                 and not old & set(deployment.listening()), "four new workers", 60)
+        wait_for(lambda: len(re.findall(r"park: gave \d+ connections", deployment.server.log()))
+                 >= 1 and all(not os.path.exists(f"/proc/{pid}") for pid in old),
+                 "the old workers gone", 60)
+        want = _finish(deployment, recorder, publisher, streams, since)
+    finally:
+        recorder.stop()
+    _assert_untouched(streams, want)
+    gave: dict[int, dict[int, int]] = {}
+    for count, giver, taker in re.findall(r"park: gave (\d+) connections of pid (\d+) to pid "
+                                          r"(\d+)", deployment.server.log()):
+        gave.setdefault(int(giver), {})[int(taker)] = int(count)
+    assert set(gave) <= old and sum(sum(t.values()) for t in gave.values()) == 41
+    for giver, takers in gave.items():
+        assert len(takers) == 4 or sum(takers.values()) < 4, (giver, takers)
+        assert max(takers.values()) - min(takers.values()) <= 1, (giver, takers)
+    totals: dict[int, int] = {}
+    for takers in gave.values():
+        for taker, count in takers.items():
+            totals[taker] = totals.get(taker, 0) + count
+    assert len(totals) == 4 and max(totals.values()) - min(totals.values()) <= 1, totals

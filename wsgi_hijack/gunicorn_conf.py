@@ -150,6 +150,7 @@ def on_starting(server):
             "WSGI_HIJACK_REDIS_URL (or redis_url in gunicorn.conf.py). If your app never "
             "publishes, set WSGI_HIJACK_ALLOW_LOCAL_BUS=1.")
     _listen_per_worker(server)
+    _keep_listening_per_worker(server)
     if _handoff():
         _handoff_dir(server)
 
@@ -178,6 +179,21 @@ def _listen_per_worker(server):
     server.cfg.set("bind", [private, *others])
     server.log.info("each worker listens on %s with SO_REUSEPORT; gunicorn's shared "
                     "socket is %s", ", ".join(f"{h}:{p}" for h, p in public), private)
+
+
+def _keep_listening_per_worker(server) -> None:
+    # A reload (HUP) reads the command line again, -b too, and gunicorn then
+    # binds the public address itself unless the settings still name the
+    # private socket: it would find the port taken by the workers' own
+    # sockets and give up. So the private bind is set again after each
+    # reading of the settings, before gunicorn compares addresses.
+    setup = server.setup
+
+    def setup_again(app):
+        setup(app)
+        _listen_per_worker(server)
+
+    server.setup = setup_again
 
 
 def _is_tcp(bind: str) -> bool:

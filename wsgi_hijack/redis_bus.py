@@ -51,6 +51,9 @@ from .bus.base import (
 )
 
 log = logging.getLogger("wsgi_hijack.bus")
+# Per OS thread, not per greenlet (which is what threading.local is once
+# gevent has patched it).
+_thread_local = monkey.get_original("_thread", "_local")
 
 try:
     import redis
@@ -87,15 +90,26 @@ class RedisBus:
         self.history_size = history_size or config.history_size()
         self.history_age = history_age or config.history_age()
         self.max_message = max_message or config.max_message()
-        # Short timeouts: a publish must fail fast and loudly when Redis is gone.
-        self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
-                                            decode_responses=False)
+        # One client (and connection pool) per OS thread: under gevent a
+        # connection belongs to the hub of the thread that made it, so an app
+        # thread that publishes must not borrow the worker's connections.
+        # The thread's own is dropped with the thread.
+        self._clients = _thread_local()
         self._publish_script = self._client.register_script(_PUBLISH)
         self._wanted: set[str] = set()
         self._pubsub: Any = None
         self._listener: gevent.Greenlet | None = None
         self._dispatch: Dispatch | None = None
         self._counters = Counters()
+
+    @property
+    def _client(self) -> Any:
+        client = getattr(self._clients, "client", None)
+        if client is None:
+            # Short timeouts: a publish must fail fast and loudly when Redis is gone.
+            client = self._clients.client = redis.Redis.from_url(
+                self.url, socket_timeout=5, socket_connect_timeout=2, decode_responses=False)
+        return client
 
     def _key(self, kind: str, channel: str = "") -> str:
         return f"{self.prefix}{kind}{channel}"
@@ -108,6 +122,7 @@ class RedisBus:
         data = check_data(data, self.max_message)
         try:
             message_id = int(self._publish_script(
+                client=self._client,
                 keys=[self._key("id"), self._key("s:", channel), self._key("c:", channel),
                       self._key("ev:", channel)],
                 args=[data.encode("utf-8"), (event or "").encode(), repr(time.time()),

@@ -76,6 +76,8 @@ class Park:
         self.master = master
         self.parked: list[Parked] = []
         self.bus_state: dict | None = None
+        #: Connections given on so far (where the next spread starts).
+        self.given = 0
         #: SIGTERM from the master's on_exit: end once nothing is parked.
         self.finishing = False
         self.listener = transport.listen(rendezvous.park_socket(where, master))
@@ -168,6 +170,11 @@ class Park:
         wanted = rendezvous.read_workers(self.where, self.master)
         if len(takers) < wanted and now - batch.first_taker_seen < SETTLE:
             return
+        # Each give's remainder goes on where the last one's stopped, so that
+        # the new workers' totals differ by one at most, not just each give's.
+        turn = self.given % len(takers)
+        takers = takers[turn:] + takers[:turn]
+        self.given += len(batch.fds)
         kept: list[int] = []
         for (pid, path), share in zip(takers, spread(len(batch.fds), len(takers)), strict=True):
             if not share:
