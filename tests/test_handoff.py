@@ -77,7 +77,7 @@ class Deployment:
     def park(self, master: int | None = None) -> int:
         """The park's pid: the master's child that is not a worker."""
         master = master or self.master
-        for pid in servers_children(master):
+        for pid in servers_children(master, helpers=True):
             if b"wsgi_hijack.handoff.park" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
         raise AssertionError("no park process")
@@ -105,10 +105,10 @@ class Deployment:
         os.kill(pid or self.master, sig)
 
 
-def servers_children(pid: int) -> list[int]:
+def servers_children(pid: int, helpers: bool = False) -> list[int]:
     from wsgi_hijack.loadclient import children
 
-    return children(pid)
+    return children(pid, helpers)
 
 
 def fds(pid: int) -> int:
@@ -416,7 +416,7 @@ def test_binary_upgrade_moves_connections_to_the_new_masters_workers(deploy):
                                        deployment.rendezvous.glob("master-*.sock")
                                        if int(p.name[7:-5]) != deployment.master],
                               "the new master's park", 30)[0]
-        wait_for(lambda: len(servers_children(new_master)) >= 2, "the new master's worker", 30)
+        wait_for(lambda: servers_children(new_master), "the new master's worker", 30)
         deployment.signal(signal.SIGWINCH)
         deployment.signal(signal.SIGQUIT)
         wait_for(lambda: deployment.server.proc.poll() is not None, "the old master's exit", 60)

@@ -123,6 +123,9 @@ class ReconnectingSSE:
 
 
 def test_reload_with_hup_loses_nothing(start_server, redis_server):
+    """With handoff off (WSGI_HIJACK_HANDOFF=0), a reload says goodbye: every
+    client reconnects with its last id and still gets every message once.
+    (With handoff on, nobody reconnects: tests/test_handoff.py.)"""
     import os
     import signal
     import threading
@@ -130,7 +133,8 @@ def test_reload_with_hup_loses_nothing(start_server, redis_server):
     import httpx
 
     server = start_server("gunicorn", heartbeat=1,
-                          env={"WSGI_HIJACK_REDIS_URL": redis_server.url})
+                          env={"WSGI_HIJACK_REDIS_URL": redis_server.url,
+                               "WSGI_HIJACK_HANDOFF": "0"})
     clients = [ReconnectingSSE(server.port, "hup") for _ in range(10)]
     deadline = time.monotonic() + 10
     while server.stats()["held"] < 10:

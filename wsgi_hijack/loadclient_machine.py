@@ -36,8 +36,10 @@ def proc_stats(pid: int) -> dict:
             "cpu_user": utime / _CLK_TCK, "t": time.monotonic()}
 
 
-def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (a gunicorn master's workers)."""
+def children(pid: int, helpers: bool = False) -> list[int]:
+    """The direct children of ``pid``: a gunicorn master's workers. With
+    ``helpers``, also the master's handoff park (:mod:`wsgi_hijack.handoff.park`),
+    which holds no connection but while workers are replaced."""
     kids: list[int] = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -45,7 +47,17 @@ def children(pid: int) -> list[int]:
                 kids.extend(int(k) for k in f.read().split())
     except FileNotFoundError:
         pass
+    if not helpers:
+        kids = [kid for kid in kids if not _is_park(kid)]
     return sorted(kids)
+
+
+def _is_park(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"wsgi_hijack.handoff.park" in f.read()
+    except OSError:
+        return False
 
 
 def sample(pids: list[int]) -> list[dict]:
