@@ -30,7 +30,12 @@ _park: subprocess.Popen | None = None
 def start(server: Any) -> None:
     """Start this master's park and watch for its shutdown; from ``when_ready``."""
     global _park
-    where = rendezvous.directory(None)
+    try:
+        where = rendezvous.directory(None)
+    except rendezvous.RendezvousError as exc:
+        server.log.error("handoff off, held connections say goodbye at restarts: %s", exc)
+        return
+    rendezvous.prune(where)
     master = os.getpid()
     rendezvous.unmark(rendezvous.stopping(where, master))
     rendezvous.write_workers(where, master, server.num_workers)

@@ -111,6 +111,16 @@ def older_workers(where: Path, pid: int) -> list[int]:
     return sorted(found)
 
 
+def prune(where: Path) -> None:
+    """Remove what processes that are gone left behind (a worker killed with
+    SIGKILL keeps its socket file)."""
+    for path in where.iterdir():
+        digits = "".join(c for c in path.name.split(".")[0] if c.isdigit())
+        if digits and path.name.split("-")[0] in ("worker", "leaving", "master", "stopping") \
+                and not alive(int(digits)):
+            unmark(path)
+
+
 def parks(where: Path) -> list[Path]:
     """Every live master's park socket here."""
     found = []

@@ -67,7 +67,12 @@ def start(app: Callable, workers: int, notify: Callable[[], None] = lambda: None
     global _this
     from ..reactor import get_reactor
 
-    where = rendezvous.directory(None)
+    try:
+        where = rendezvous.directory(None)
+    except rendezvous.RendezvousError as exc:
+        log.error("held connections will say goodbye at restarts: %s", exc)
+        get_reactor()
+        return
     this = _this = _Worker(where, workers == 1)
     bus = get_bus()
     if this.single and isinstance(bus, InProcessBus):
