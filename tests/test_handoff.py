@@ -75,11 +75,16 @@ class Deployment:
         return sorted(int(p.name[7:-5]) for p in self.rendezvous.glob("worker-*.sock"))
 
     def park(self, master: int | None = None) -> int:
-        """The park's pid: the master's child that is not a worker."""
+        """The park's pid: the master's child that runs the park (found by its
+        parent, which /proc's children lists do not always show at once)."""
         master = master or self.master
-        for pid in servers_children(master, helpers=True):
-            if b"wsgi_hijack.handoff.park" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and parent(int(entry.name)) == master:
+                try:
+                    if b"wsgi_hijack.handoff.park" in (entry / "cmdline").read_bytes():
+                        return int(entry.name)
+                except OSError:
+                    continue
         raise AssertionError("no park process")
 
     def stats(self) -> dict:

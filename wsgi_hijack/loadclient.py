@@ -76,12 +76,14 @@ __all__ = [
 # -- running ---------------------------------------------------------------------------------
 
 class _WorkerProc:
+    #: The client process's command (a subclass may run another worker).
+    command = (sys.executable, "-m", "wsgi_hijack.loadclient_worker")
+
     def __init__(self, index: int, cfg: dict) -> None:
         self.index = index
         self.cfg = cfg
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wsgi_hijack.loadclient_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+            list(self.command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         self.proc.stdin.write((json.dumps(cfg) + "\n").encode())
         self.buf = b""
         self.last: dict = {}

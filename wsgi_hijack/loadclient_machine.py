@@ -39,14 +39,19 @@ def proc_stats(pid: int) -> dict:
 def children(pid: int, helpers: bool = False) -> list[int]:
     """The direct children of ``pid``: a gunicorn master's workers. With
     ``helpers``, also the master's handoff park (:mod:`wsgi_hijack.handoff.park`),
-    which holds no connection but while workers are replaced."""
+    which holds no connection but while workers are replaced. (Found by each
+    process's parent: ``/proc/<pid>/task/*/children`` may miss a child.)"""
     kids: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids.extend(int(k) for k in f.read().split())
-    except FileNotFoundError:
-        pass
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            kids.append(int(entry))
     if not helpers:
         kids = [kid for kid in kids if not _is_park(kid)]
     return sorted(kids)

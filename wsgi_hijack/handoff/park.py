@@ -55,6 +55,8 @@ log = logging.getLogger("wsgi_hijack.handoff.park")
 #: Seconds to wait for the rest of the master's workers once one successor
 #: listens, before spreading over those there are.
 SETTLE = 3.0
+#: Seconds before a successor that failed to take a give is offered it again.
+RETRY = 2.0
 _LENGTH = struct.Struct("!I")
 
 
@@ -67,7 +69,8 @@ class Parked:
     states: list[ConnectionState]
     deadline: float
     first_taker_seen: float | None = None
-    failed: set[int] = field(default_factory=set)
+    #: successor pid -> when it failed to take; tried again after RETRY s
+    failed: dict[int, float] = field(default_factory=dict)
 
 
 class Park:
@@ -162,7 +165,8 @@ class Park:
     def _give_on(self, batch: Parked, now: float) -> None:
         stopping = self.stopping  # then only another master's workers take them
         takers = [(pid, path) for pid, path in successors(self.where, batch.giver)
-                  if pid not in batch.failed and not (stopping and parent(pid) == self.master)]
+                  if now - batch.failed.get(pid, -RETRY) >= RETRY
+                  and not (stopping and parent(pid) == self.master)]
         if not takers:
             return
         if batch.first_taker_seen is None:
@@ -188,7 +192,7 @@ class Park:
                     transport.give(sock, fds, encode_batch(states))
             except (OSError, HandoffError) as exc:
                 log.warning("park: pid %d did not take %d connections: %s", pid, len(fds), exc)
-                batch.failed.add(pid)
+                batch.failed[pid] = now
                 kept.extend(share)
                 continue
             for fd in fds:

@@ -213,8 +213,12 @@ def _environ(state: ConnectionState, sock: socket.socket) -> dict:
 
 
 def _room() -> int:
+    """Fds this process can still open. Whether each moved connection may be
+    held is then the admission's call, as for any hijack (a refused one gets
+    its goodbye): a successor with the same limits holds what its
+    predecessor held, the fd reserve included."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft - len(os.listdir("/proc/self/fd")) - config.fd_reserve()
+    return soft - len(os.listdir("/proc/self/fd")) - 16
 
 
 # -- giving connections away ------------------------------------------------------------

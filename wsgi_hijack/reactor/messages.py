@@ -54,12 +54,23 @@ class Messages:
     def _apply(self, effects: list[Effect]) -> None:
         """Do what the router asks of the bus and the connections, in order."""
         bus = self.bus
+        # Connections that join together from one position on the same
+        # channels (all those a predecessor worker handed over, once their
+        # channels are live) share one history read. Reused within this call
+        # only: what is published meanwhile waits in the outbox and reaches
+        # them live once they are attached.
+        replays: dict[tuple, Replay] = {}
         for effect in effects:
             kind = type(effect)
             if kind is ReadHistory:
                 conn = effect.conn
                 if conn.fd >= 0 and not conn.closing:
-                    self._join(conn, bus.replay(conn.channels, effect.after, effect.upto))
+                    key = (conn.channels, effect.after, effect.upto)
+                    replay = replays.get(key)
+                    if replay is None:
+                        replay = replays[key] = bus.replay(conn.channels, effect.after,
+                                                           effect.upto)
+                    self._join(conn, replay)
             elif kind is Subscribe:
                 bus.subscribe(effect.channel)
             elif kind is Unsubscribe:
