@@ -245,6 +245,9 @@ def leave(reactor: Any) -> int:
     leaving()
     if this.listener is not None:
         this.listener.close()
+    # A give already being read is answered (refused) before this worker goes.
+    if this.lock.acquire(timeout=5.0):
+        this.lock.release()
     master = os.getppid()
     park = rendezvous.park_socket(this.where, master)
     try:

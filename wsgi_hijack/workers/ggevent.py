@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.socket
 from gevent.pool import Pool
 from gunicorn.workers import ggevent
@@ -49,6 +50,7 @@ STOP_LINGER = 2.0
 
 class GeventWorker(ggevent.GeventWorker):
     lobby: Lobby | None = None
+    _told_to_stop: gevent.event.Event | None = None
 
     def run(self) -> None:
         if self.cfg.is_ssl or self.server_class is not None:
@@ -59,6 +61,7 @@ class GeventWorker(ggevent.GeventWorker):
         checks.run_checks(self.cfg, own_lobby=True, logger=self.log, budget=budget,
                           admission=reactor.admission)
         pool = self.pool = Pool(self.worker_connections)
+        self._told_to_stop = gevent.event.Event()
         for sock in self.sockets:
             sock.setblocking(1)
 
@@ -79,14 +82,28 @@ class GeventWorker(ggevent.GeventWorker):
             self.notify()
             if lobby_metrics is not None:
                 lobby_metrics.sync(lobby.stats, lobby.waiting)
-            gevent.sleep(1.0)
+            self._told_to_stop.wait(1.0)
         self._stop(lobby, pool)
 
     def handle_exit(self, sig: Any, frame: Any) -> None:
         # Stop being a successor at once: the park must not give this worker
-        # connections while it leaves (wsgi_hijack.handoff.worker).
+        # connections while it leaves (wsgi_hijack.handoff.worker). And leave
+        # now, not at the loop's next check a second later: the clients wait
+        # for the successor meanwhile (benchmarks/results/handoff/).
         handoff.leaving()
         super().handle_exit(sig, frame)
+        self._wake()
+
+    def handle_request(self, *args: Any) -> Any:
+        try:
+            return super().handle_request(*args)
+        finally:
+            if not self.alive:  # max_requests reached: leave now as well
+                self._wake()
+
+    def _wake(self) -> None:
+        if self._told_to_stop is not None:
+            self._told_to_stop.set()
 
     def _hand_off(self, client: Any, listener: Any) -> bool:
         if self.pool.full():
