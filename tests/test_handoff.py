@@ -325,10 +325,10 @@ def test_reload_moves_every_connection_to_the_new_code(deploy):
         # The issue's bound: heartbeats keep coming, no gap over two intervals.
         assert stream.longest_silence(moved_at - HEARTBEAT, end) <= 2 * HEARTBEAT, stream.name
     for stream in sse:
-        assert [m for m in sse_events(stream.data) if m[0] <= last] == want, stream.name
-    for stream in chunked:
+        received = each_once(sse_events(stream.data), want, stream.name)
+    for stream in chunked:  # chunks carry the data alone, in the same order
         got = chunks(stream.data)
-        assert got[:got.index("last") + 1] == [d for _, d in want], stream.name
+        assert got[:got.index("last") + 1] == [d for _, d in received], stream.name
     lines = tagged.data.split(b"\r\n\r\n", 1)[1].decode().splitlines()
     tagged_news = [line for line in lines if line != "BEAT"]
     news = [(i, d) for i, d in want if d.startswith("news") or d in ("last",)]
@@ -372,11 +372,28 @@ def _finish(deployment: Deployment, recorder: Recorder, publisher: Publisher,
 
 
 def _assert_untouched(streams: list[Stream], want: list[tuple[int, str]]) -> None:
-    last = want[-1][0]
+    first = None
     for stream in streams:
         assert stream.closed_at is None, f"{stream.name} was closed"
         assert stream.heads() == 1, stream.name
-        assert [m for m in sse_events(stream.data) if m[0] <= last] == want, stream.name
+        got = each_once(sse_events(stream.data), want, stream.name)
+        assert first is None or got == first, stream.name  # every client the same
+        first = got
+
+
+def each_once(got: list[tuple[int, str]], want: list[tuple[int, str]],
+              name: str) -> list[tuple[int, str]]:
+    """``got`` up to the last of ``want``: every accepted message, once, in id
+    order. A tick may be there that its worker's thread published but had no
+    time to write down before its process exited (the old worker, at the
+    move): received, so not lost, only not listed in ``want``."""
+    got = [m for m in got if m[0] <= want[-1][0]]
+    ids = [i for i, _ in got]
+    assert ids == sorted(set(ids)), f"{name}: not once each, in order"
+    extra = set(got) - set(want)
+    assert set(want) <= set(got), f"{name} missed {sorted(set(want) - set(got))}"
+    assert all(d.startswith("tick") for _, d in extra), f"{name}: unexpected {extra}"
+    return got
 
 
 @pytest.mark.parametrize("how", ["max_requests", "worker_exits"])
@@ -530,8 +547,7 @@ def test_without_a_successor_in_time_clients_get_the_goodbye_and_lose_nothing(de
     finally:
         recorder.stop()
     for first, second in zip(streams, again, strict=True):
-        got = sse_events(first.data) + sse_events(second.data)
-        assert [m for m in got if m[0] <= want[-1][0]] == want
+        each_once(sse_events(first.data) + sse_events(second.data), want, second.name)
     assert "no successor took them in time" in deployment.server.log()
 
 
@@ -640,15 +656,19 @@ def test_bad_handoffs_are_refused_and_cost_nothing(deploy):
         b.send(b"still ours")  # our fd was never taken from us
         assert a.recv(100) == b"still ours"
         # A give to a worker that is leaving itself: refused, the giver keeps its fds.
+        # The worker is reading the give (it has our first chunk) when it is told
+        # to stop; the rest comes after.
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(30)
             sock.connect(str(rendezvous.worker_socket(deployment.rendezvous, worker)))
-            wait_for(lambda: fds(worker) > before[1], "the worker's accept")
+            socket.send_fds(sock, [b"F"], [b.fileno()])
+            wait_for(lambda: fds(worker) >= before[1] + 2, "the worker reading the give")
             deployment.signal(signal.SIGTERM, worker)
             wait_for(lambda: worker not in deployment.listening(), "the worker leaving")
-            with pytest.raises(HandoffError, match="shutting down itself"):
-                transport.give(sock, [b.fileno()], encode_batch(
-                    [ConnectionState(0, "plain", "GET / HTTP/1.1")]))
+            sock.sendall(b"E" + encode_batch([ConnectionState(0, "plain", "GET / HTTP/1.1")]))
+            answer = transport.recv_exactly(sock, 5)
+            reason = sock.recv(4096)
+            assert answer[:1] == b"R" and b"shutting down itself" in reason, (answer, reason)
         assert fds(park) == before[0]
         b.send(b"still ours")
         assert a.recv(100) == b"still ours"
