@@ -249,6 +249,21 @@ def deploy(tmp_path):
     yield make
     for deployment in started:
         deployment.server.stop(30)
+        # A binary upgrade's new master outlives the old one, in its process
+        # group (gunicorn forks it from the old master).
+        try:
+            os.killpg(deployment.master, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        wait_for(lambda d=deployment: not _group_alive(d.master), "the process group's end", 60)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def expected(publisher: Publisher, deployment: Deployment, after: int) -> list[tuple[int, str]]:
