@@ -46,7 +46,6 @@ import json
 import math
 import os
 import random
-import selectors
 import shutil
 import signal
 import sys
@@ -59,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]  # run as a file: benchmarks/ and this tree
 
+import fleet  # noqa: E402
 import handoff_report  # noqa: E402
 from handoff_clients import ClientProc  # noqa: E402
 from handoff_load import CHANNEL, CpuSampler, Publisher, kids, metrics_held  # noqa: E402
@@ -77,79 +77,30 @@ def log(msg: str) -> None:
 
 # -- the client processes ------------------------------------------------------------------
 
-class Fleet:
+class Fleet(fleet.Fleet):
     """The client processes (:class:`handoff_clients.ClientProc`), read as they report."""
+
+    poll = 0.02
 
     def __init__(self, shares: list[dict], port: int, progress: float,
                  show: Callable[[], str]) -> None:
         request = (f"GET /events?channel={CHANNEL} HTTP/1.1\r\nHost: {wire.HOST}:{port}\r\n"
                    "User-Agent: wsgi-hijack-handoff-bench\r\nAccept: text/event-stream\r\n\r\n")
         window = max(1, 1000 // len(shares))
-        self.procs = [ClientProc(i, {"n": s["n"], "source": s["source"], "host": wire.HOST,
-                                     "port": port, "request": request, "window": window,
-                                     "rate": 0, "retries": 60, "head_timeout": 60,
-                                     "progress": 0.05})
-                      for i, s in enumerate(shares)]
-        self.sel = selectors.DefaultSelector()
-        for p in self.procs:
-            self.sel.register(p.proc.stdout, selectors.EVENT_READ, p)
-        self.live = set(self.procs)
+        super().__init__([ClientProc(i, {"n": s["n"], "source": s["source"], "host": wire.HOST,
+                                         "port": port, "request": request, "window": window,
+                                         "rate": 0, "retries": 60, "head_timeout": 60,
+                                         "progress": 0.05})
+                          for i, s in enumerate(shares)])
         self.progress = progress
         self.show = show
         self.next_show = time.monotonic() + progress if progress else math.inf
 
-    def total(self, key: str) -> int:
-        return sum(p.last.get(key, 0) for p in self.procs)
-
-    def latest(self, key: str) -> float:
-        return max((p.last.get(key, 0) for p in self.procs), default=0)
-
-    def pump(self, timeout: float) -> None:
-        for key, _ in self.sel.select(timeout):
-            p = key.data
-            for msg in p.feed():
-                kind = msg["type"]
-                if kind == "eof":
-                    self.sel.unregister(p.proc.stdout)
-                    self.live.discard(p)
-                elif kind in ("progress", "ready", "final"):
-                    p.last = msg
-                    if kind == "ready":
-                        p.ready = msg
-                    elif kind == "final":
-                        p.final = msg
-                elif kind == "marked":
-                    p.marked = msg["t"]
+    def pumped(self) -> None:
         now = time.monotonic()
         if now >= self.next_show:
             self.next_show = now + self.progress
             log(self.show())
-
-    def until(self, done: Callable[[], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > deadline or not self.live:
-                return False
-            self.pump(0.02)
-        return True
-
-    def send(self, cmd: str) -> None:
-        for p in self.procs:
-            p.send(cmd)
-
-    def finish(self) -> list[dict]:
-        self.send("stop")
-        self.until(lambda: all(p.final for p in self.procs), 120)
-        for p in self.procs:
-            try:
-                p.proc.stdin.close()
-                p.proc.wait(timeout=30)
-            except (OSError, ValueError):
-                pass
-            except Exception:
-                p.proc.kill()
-        self.sel.close()
-        return [p.final or p.last for p in self.procs]
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -233,13 +184,13 @@ def one_run(mode: str, index: int, args: argparse.Namespace, workdir: Path,
         drain(fleet, n * sum(r["status"] == 202 for r in publisher.records.values()), args.drain)
         record["held_after"] = metrics_held(server.port)
         record["workers_after"] = kids(master)
-        finals = fleet.finish()
+        finals = fleet.stop()
         fleet = None
         sampler.stop()
     finally:
         publisher.stop()
         if fleet is not None:
-            fleet.finish()
+            fleet.stop()
         if sampler.is_alive():
             sampler.stop()
         server.stop()

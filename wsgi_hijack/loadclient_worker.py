@@ -279,7 +279,7 @@ class Worker:
             status = int(head.split(b" ", 2)[1])
         except (IndexError, ValueError):
             status = 0
-        if not 200 <= status < 300:
+        if not self.head_ok(status):
             self.close(fd, conn)
             errors = self.counts["errors"]
             errors[f"HTTP {status}"] = errors.get(f"HTTP {status}", 0) + 1
@@ -292,6 +292,15 @@ class Worker:
         self.t_last_head = now
         self.head_times.append(now)
         self.count(conn, rest)
+
+    def head_ok(self, status: int) -> bool:
+        """Whether a response head with ``status`` starts a stream (a subclass
+        speaking WebSocket takes 101)."""
+        return 200 <= status < 300
+
+    def on_command(self, cmd: str) -> None:
+        """A command line from the parent other than ``mark`` and ``stop``
+        (none here; a subclass may take its own)."""
 
     def count(self, conn: Conn, data: bytes) -> None:
         if conn.chunked:
@@ -370,6 +379,8 @@ class Worker:
                             self.emit("marked", t=time.monotonic())
                         elif cmd == "stop":
                             stopping = True
+                        elif cmd:
+                            self.on_command(cmd)
                     continue
                 self.on_event(fd, mask, now)
         streaming = [c for c in self.conns.values() if c.state == STREAMING]
