@@ -117,11 +117,12 @@ def test_fds_move_in_chunks_and_still_reach_their_peers():
     finally:
         for fd in fds:
             os.close(fd)
-        for a, b in pairs:
-            a.close()
-            b.close()
-        giver.close()
-        taker.close()
+        _close(*(end for pair in pairs for end in pair), giver, taker)
+
+
+def _close(*socks: socket.socket) -> None:
+    for sock in socks:
+        sock.close()
 
 
 @pytest.mark.unit
@@ -151,11 +152,7 @@ def test_a_refusal_reaches_the_giver_and_leaks_no_fd():
             a.sendall(b"k")
             assert b.recv(1) == b"k"
     finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
-        giver.close()
-        taker.close()
+        _close(*(end for pair in pairs for end in pair), giver, taker)
 
 
 @pytest.mark.unit
