@@ -361,7 +361,7 @@ def test_reload_moves_every_connection_to_the_new_code(deploy):
     assert fixed.data.endswith(b"bye\n") and fixed.closed_at is not None
     assert ws.pings >= 1
     # No fd left behind: the park is back where it was.
-    assert fds(park) == park_fds
+    wait_for(lambda: fds(park) == park_fds, "the park holding what it held before")
     assert "Traceback" not in deployment.server.log()
 
 
@@ -535,7 +535,7 @@ def test_a_successor_that_dies_mid_handoff_costs_nothing(deploy):
     _assert_untouched(streams, want)
     log = deployment.server.log()
     assert "did not take 4 connections" in log
-    assert fds(park) == park_fds
+    wait_for(lambda: fds(park) == park_fds, "the park holding what it held before")
 
 
 def test_without_a_successor_in_time_clients_get_the_goodbye_and_lose_nothing(deploy):
@@ -673,6 +673,7 @@ def test_bad_handoffs_are_refused_and_cost_nothing(deploy):
                  "connection closed" in deployment.server.log(), "the truncated one refused")
         b.send(b"still ours")  # our fd was never taken from us
         assert a.recv(100) == b"still ours"
+        wait_for(lambda: fds(park) == before[0], "the park holding what it held before")
         # A give to a worker that is leaving itself: refused, the giver keeps its fds.
         # The worker is reading the give (it has our first chunk) when it is told
         # to stop; the rest comes after.
@@ -687,13 +688,14 @@ def test_bad_handoffs_are_refused_and_cost_nothing(deploy):
             answer = transport.recv_exactly(sock, 5)
             reason = sock.recv(4096)
             assert answer[:1] == b"R" and b"shutting down itself" in reason, (answer, reason)
-        assert fds(park) == before[0]
         b.send(b"still ours")
         assert a.recv(100) == b"still ours"
         a.close()
         b.close()
         wait_for(lambda: (s := deployment.stats())["pid"] != worker and s["held"] == 2,
                  "the replacement")
+        # The leaving worker's own connections went through the park: none stays.
+        wait_for(lambda: fds(park) == before[0], "the park back to what it held before")
     finally:
         recorder.stop()
     for stream in streams:
