@@ -131,7 +131,7 @@ class Park:
             log.warning("park: a request failed: %s", exc)
 
     def _take(self, conn: socket.socket, giver: int) -> None:
-        fds, message = transport.take(conn, _room())
+        fds, message = transport.take(conn, transport.fd_room())
         try:
             if self.stopping and not self.other_masters():
                 raise HandoffError("the master is shutting down and no other master "
@@ -219,11 +219,6 @@ def goodbye(fd: int, state: ConnectionState) -> None:
     except OSError:
         pass
     os.close(fd)
-
-
-def _room() -> int:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft - len(os.listdir("/proc/self/fd")) - 16
 
 
 def main(argv: list[str]) -> int:

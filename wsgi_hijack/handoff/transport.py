@@ -21,6 +21,7 @@ made ``0600``, and each side checks its peer's credentials
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import stat
 import struct
@@ -112,6 +113,15 @@ def take(sock: socket.socket, max_fds: int) -> tuple[list[int], bytes]:
         for fd in received:
             os.close(fd)
         raise
+
+
+def fd_room() -> int:
+    """Fds this process can still open (less a few for its own use): what a
+    taker may receive. Whether each moved connection may then be held is the
+    admission's call, as for any hijack (a refused one gets its goodbye), so
+    a successor with the same limits holds what its predecessor held."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft - len(os.listdir("/proc/self/fd")) - 16
 
 
 def accept_answer(sock: socket.socket, count: int) -> None:

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import resource
 import socket
 import struct
 import sys
@@ -141,7 +140,7 @@ def _take(this: _Worker, app: Callable, conn: socket.socket) -> None:
     with conn, this.lock:
         conn.settimeout(60.0)
         try:
-            fds, message = transport.take(conn, _room())
+            fds, message = transport.take(conn, transport.fd_room())
         except (OSError, HandoffError) as exc:
             log.warning("a handoff to this worker failed: %s", exc)
             transport.refuse(conn, str(exc))
@@ -210,15 +209,6 @@ def _environ(state: ConnectionState, sock: socket.socket) -> dict:
         "wsgi.errors": sys.stderr, "wsgi.multithread": False, "wsgi.multiprocess": True,
         "wsgi.run_once": False, RESUME: state, RESUME_SOCKET: sock,
     }
-
-
-def _room() -> int:
-    """Fds this process can still open. Whether each moved connection may be
-    held is then the admission's call, as for any hijack (a refused one gets
-    its goodbye): a successor with the same limits holds what its
-    predecessor held, the fd reserve included."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft - len(os.listdir("/proc/self/fd")) - 16
 
 
 # -- giving connections away ------------------------------------------------------------
