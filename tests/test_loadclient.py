@@ -13,6 +13,7 @@ import time
 import pytest
 
 from harness import servers
+from harness.clients import wait_for
 from harness.servers import free_port
 from wsgi_hijack import loadclient
 
@@ -63,7 +64,8 @@ def test_cli_json_and_exit_status(demo):
 
 def test_counts_drops_when_the_server_goes_away(demo):
     url, master = demo
-    worker = loadclient.children(master)[0]
+    # The worker of a master that just started may not be listed yet.
+    worker = wait_for(lambda: loadclient.children(master), "the demo's worker", 30)[0]
     import threading
 
     def kill_later():
