@@ -81,11 +81,24 @@ def port_open(server: Server) -> bool:
     return True
 
 
+def answers_http(server: Server) -> bool:
+    """Ready when a request gets a status line: a worker, not just the
+    master's listening socket, is there. What it answers does not matter."""
+    with wire.connect(server.port, b"GET /wsgi-hijack-ready HTTP/1.0\r\n\r\n",
+                      timeout=5) as s:
+        return wire.read_until(s, b"\r\n").startswith(b"HTTP/")
+
+
 def workers_ready(count: int = 1) -> Callable[[Server], bool]:
-    """Ready when the process has ``count`` children (gunicorn's workers) and
-    the port accepts a connection: measurements read the workers' /proc."""
+    """Ready when a worker answers and the process has ``count`` children
+    (gunicorn's workers): measurements read the workers' /proc.
+
+    The answer comes first: until a worker has been forked, the master's
+    handoff park may be a child still between fork and exec, with the
+    master's command line, and so counted as a worker. Workers are forked
+    only after the park has exec'd, so once one answers the count is right."""
     def ready(server: Server) -> bool:
-        return len(server.workers()) >= count and port_open(server)
+        return answers_http(server) and len(server.workers()) >= count
     return ready
 
 

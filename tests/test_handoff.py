@@ -548,6 +548,8 @@ def test_without_a_successor_in_time_clients_get_the_goodbye_and_lose_nothing(de
         since = deployment.publish("news", "before")
         streams = _sse_clients(deployment, recorder, 3, since)
         publisher = Publisher(deployment)
+        for stream in streams:  # an id to reconnect from
+            recorder.wait_for(stream, b"\nid: ")
         deployment.set_version("v2", boot_delay=6)
         deployment.signal(signal.SIGHUP)
         for stream in streams:
