@@ -47,8 +47,8 @@ def test_replay_is_shared_across_workers_and_hosts(start_server, redis_server):
             f"id: {ids[i]}\ndata: m{i}\n\n" for i in (1, 2, 3))
         live = published_id(host_a, "shared", "live")
         assert f"id: {live}\ndata: live\n\n".encode() in read_until(s, b"data: live\n\n")
-    # ids are ordered across hosts: a publish on B continues A's sequence.
-    assert published_id(host_b, "shared", "from b") == live + 1
+    # ids are ordered across hosts: a publish on B comes after A's.
+    assert published_id(host_b, "shared", "from b") > live
 
 
 def test_history_trim_in_redis_reports_gap(start_server, redis_server):

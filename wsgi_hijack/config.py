@@ -81,12 +81,39 @@ def sse_retry_ms() -> int:
 
 
 def redis_url() -> str | None:
-    """``WSGI_HIJACK_REDIS_URL`` (e.g. ``redis://127.0.0.1:6379/0``): use the Redis
-    bus, shared by every worker and host. Unset: the in-process bus."""
+    """``WSGI_HIJACK_REDIS_URL``: use the Redis bus, shared by every worker and
+    host. One server (``redis://127.0.0.1:6379/0``), a Sentinel set
+    (``redis+sentinel://h:26379,h:26380/mymaster/0``) or a Cluster
+    (``redis+cluster://h:7000,h:7001``): :mod:`wsgi_hijack.redis_connect`.
+    Unset: the in-process bus."""
+    from .redis_connect import parse
+
     url = os.environ.get("WSGI_HIJACK_REDIS_URL", "").strip()
-    if url and not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"WSGI_HIJACK_REDIS_URL={url!r}: expected redis://, rediss:// or unix://")
+    if url:
+        parse(url)  # raises ValueError, saying what to fix
     return url or None
+
+
+def redis_min_replicas(url: str) -> int:
+    """Replicas that must have a message before its publish succeeds:
+    ``WSGI_HIJACK_REDIS_MIN_REPLICAS``. Default 1 with Sentinel (so that a
+    failover keeps what was acknowledged: docs/operations.rst), else 0."""
+    raw = os.environ.get("WSGI_HIJACK_REDIS_MIN_REPLICAS", "").strip()
+    if not raw:
+        return 1 if url.startswith("redis+sentinel://") else 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"WSGI_HIJACK_REDIS_MIN_REPLICAS={raw!r}: expected an int >= 0")
+    return value
+
+
+def redis_replica_timeout() -> float:
+    """Seconds a publish waits for ``redis_min_replicas`` replicas to confirm
+    it before it fails (503): ``WSGI_HIJACK_REDIS_REPLICA_TIMEOUT``, default 0.5."""
+    return _positive("WSGI_HIJACK_REDIS_REPLICA_TIMEOUT", 0.5)
 
 
 def head_timeout() -> float:

@@ -2,13 +2,26 @@
 
 How it uses Redis (redis-py, with hiredis when installed):
 
-- **ids**: one counter (``INCR {prefix}id``) for the whole deployment, so ids
-  are ordered per channel -- and across channels -- on every worker and host.
+- **where**: one server, or a Sentinel set whose primary is looked up again on
+  every reconnect (:mod:`wsgi_hijack.redis_connect`). Redis Cluster has a bus
+  of its own, :mod:`wsgi_hijack.redis_cluster_bus`.
+- **ids**: one counter (``{prefix}id``) for the whole deployment, so ids are
+  ordered per channel -- and across channels -- on every worker and host. The
+  counter never goes back: each id is at least the server's clock in
+  microseconds (``TIME``). A failover can lose the counter's last increments
+  (replication is asynchronous); the promoted replica's clock is past every id
+  handed out before, so no id is ever given twice, and a client's
+  ``Last-Event-ID`` never points at another message. (This needs the
+  servers' clocks to agree to within the failover's duration: NTP.)
 - **publish**: one Lua script, atomic in Redis: take the next id, append the
   message to the channel's stream (``XADD {prefix}s:{channel} MAXLEN n``, the
   shared replay history), and ``PUBLISH`` it on ``{prefix}c:{channel}``.
   Because the three happen as one, every worker receives messages in id order,
-  and a message is in the history before anyone can receive it.
+  and a message is in the history before anyone can receive it. With
+  ``WSGI_HIJACK_REDIS_MIN_REPLICAS`` (default 1 with Sentinel) the script is
+  followed by ``WAIT``, on the same connection: a publish succeeds only once
+  that many replicas have the message, so a failover to the most up-to-date
+  replica keeps it (docs/operations.rst says what can still be lost).
 - **fan-out**: each worker keeps one pub/sub connection (a greenlet reading
   it) and subscribes to a channel while it has local subscribers; the reactor
   fans each message out locally. The reactor holds a connection back until
@@ -28,6 +41,7 @@ How it uses Redis (redis-py, with hiredis when installed):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterable
@@ -36,7 +50,7 @@ from typing import Any
 import gevent
 from gevent import monkey
 
-from . import config
+from . import config, redis_connect
 from .bus.base import (
     BusUnavailable,
     Counters,
@@ -57,16 +71,26 @@ _thread_local = monkey.get_original("_thread", "_local")
 
 try:
     import redis
-    from redis.exceptions import RedisError
+    from redis.exceptions import NoScriptError, RedisError
 except ImportError:  # pragma: no cover - only without the [redis] extra
     redis = None
-    RedisError = OSError
+    RedisError = NoScriptError = OSError
 
 # KEYS: counter, stream, pub/sub channel, "evicted" marker. ARGV: data, event, time, maxlen.
+# The id is the counter plus one, or the server's clock in microseconds if
+# that is ahead: ids never go back, even after a failover lost increments.
+# ('%.0f': Lua's own number-to-string would write 1.76e+15.)
 # Before the stream drops its oldest entries, remember the newest id dropped:
 # a client whose last id is below it has missed something (a gap).
 _PUBLISH = """
+local now = redis.call('TIME')
 local id = redis.call('INCR', KEYS[1])
+local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+if id < clock then
+  id = clock
+  redis.call('SET', KEYS[1], string.format('%.0f', id))
+end
+id = string.format('%.0f', id)
 local over = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[4]) + 1
 if over > 0 then
   local dropped = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', over)
@@ -85,7 +109,13 @@ class RedisBus:
                  history_age: float | None = None, max_message: int | None = None) -> None:
         if redis is None:
             raise RuntimeError("the Redis bus needs redis-py: pip install 'wsgi_hijack[redis]'")
-        self.url = url
+        self.target = redis_connect.parse(url)
+        if self.target.kind == "cluster":
+            raise ValueError(f"{self.target.describe()}: use RedisClusterBus for a cluster")
+        #: Where, for logs and errors (without the password).
+        self.url = self.target.describe()
+        self.min_replicas = config.redis_min_replicas(url)
+        self.replica_timeout_ms = max(1, int(config.redis_replica_timeout() * 1000))
         self.prefix = prefix
         self.history_size = history_size or config.history_size()
         self.history_age = history_age or config.history_age()
@@ -95,7 +125,7 @@ class RedisBus:
         # thread that publishes must not borrow the worker's connections.
         # The thread's own is dropped with the thread.
         self._clients = _thread_local()
-        self._publish_script = self._client.register_script(_PUBLISH)
+        self._publish_sha = hashlib.sha1(_PUBLISH.encode()).hexdigest()
         self._wanted: set[str] = set()
         self._pubsub: Any = None
         self._listener: gevent.Greenlet | None = None
@@ -106,9 +136,7 @@ class RedisBus:
     def _client(self) -> Any:
         client = getattr(self._clients, "client", None)
         if client is None:
-            # Short timeouts: a publish must fail fast and loudly when Redis is gone.
-            client = self._clients.client = redis.Redis.from_url(
-                self.url, socket_timeout=5, socket_connect_timeout=2, decode_responses=False)
+            client = self._clients.client = redis_connect.connect(self.target)
         return client
 
     def _key(self, kind: str, channel: str = "") -> str:
@@ -120,25 +148,52 @@ class RedisBus:
         check_channel(channel)
         event = check_event(event)
         data = check_data(data, self.max_message)
+        keys = (self._key("id"), self._key("s:", channel), self._key("c:", channel),
+                self._key("ev:", channel))
+        args = (data.encode("utf-8"), (event or "").encode(), repr(time.time()),
+                self.history_size)
         try:
-            message_id = int(self._publish_script(
-                client=self._client,
-                keys=[self._key("id"), self._key("s:", channel), self._key("c:", channel),
-                      self._key("ev:", channel)],
-                args=[data.encode("utf-8"), (event or "").encode(), repr(time.time()),
-                      self.history_size]))
+            message_id, acked = self._run_publish(keys, args)
         except (RedisError, OSError) as exc:
             self._counters.add("bus_errors")
-            raise BusUnavailable(f"cannot publish to {channel!r}: Redis at {self.url} "
+            raise BusUnavailable(f"cannot publish to {channel!r}: {self.url} "
                                  f"is unavailable ({exc})") from exc
+        if acked < self.min_replicas:
+            self._counters.add("bus_errors")
+            raise BusUnavailable(
+                f"message {message_id} on {channel!r} reached {acked} of the "
+                f"{self.min_replicas} replicas required (WSGI_HIJACK_REDIS_MIN_REPLICAS) in "
+                f"{self.replica_timeout_ms} ms: not acknowledged, it may be lost in a failover "
+                "(some clients may have it already)")
         self._counters.add("published")
         return message_id
+
+    def _run_publish(self, keys: tuple, args: tuple) -> tuple[int, int]:
+        """The publish script, then ``WAIT`` for the replicas on the same
+        connection (a pipeline), so that it waits for this very write.
+        Returns (id, replicas that confirmed it)."""
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.evalsha(self._publish_sha, len(keys), *keys, *args)
+            if self.min_replicas:
+                pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
+            try:
+                replies = pipe.execute()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                # A server that has not seen the script yet (new, restarted, or
+                # promoted by a failover): load it, and publish once more.
+                self._client.script_load(_PUBLISH)
+                continue
+            return int(replies[0]), int(replies[1]) if self.min_replicas else 0
+        raise AssertionError("unreachable")
 
     def last_id(self) -> int:
         try:
             return int(self._client.get(self._key("id")) or 0)
         except (RedisError, OSError) as exc:
-            raise BusUnavailable(f"Redis at {self.url} is unavailable ({exc})") from exc
+            raise BusUnavailable(f"{self.url} is unavailable ({exc})") from exc
 
     # -- replay -----------------------------------------------------------------------
 
