@@ -213,20 +213,41 @@ def check_timeouts(env: dict[str, str], argv: list[str] | None = None) -> list[C
     return checks
 
 
-def check_redis(url: str | None) -> Check | None:
+def check_redis(url: str | None, env: dict[str, str] | None = None) -> Check | None:
+    """Redis answers (through the sentinels, for a Sentinel URL), and has the
+    replicas a publish waits for."""
     if not url:
         return None
     try:
-        import redis
+        import redis  # noqa: F401
 
-        redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+        from . import redis_connect
+
+        target = redis_connect.bus_target(url)
+        client = redis_connect.connect(target)
+        client.ping()
+        role = client.info("replication")
     except ImportError:
         return Check("Redis", "FAIL", f"{url} configured, redis-py missing",
                      "pip install 'wsgi_hijack[redis]'")
+    except ValueError as exc:
+        return Check("Redis", "FAIL", str(exc), "fix WSGI_HIJACK_REDIS_URL")
     except Exception as exc:  # any failure to reach it is the finding
         return Check("Redis", "FAIL", f"{url}: {exc}",
                      "start redis-server there, or fix WSGI_HIJACK_REDIS_URL")
-    return Check("Redis", "OK", f"{url} answers PING")
+    where = target.describe()
+    replicas = int(role.get("connected_slaves", 0))
+    wanted = config.redis_min_replicas(url, env)
+    if replicas < wanted:
+        return Check("Redis", "FAIL", f"{where} answers, with {replicas} connected replicas; "
+                     f"each publish waits for {wanted} (WSGI_HIJACK_REDIS_MIN_REPLICAS) and "
+                     "fails without them", "start the replicas, or lower "
+                     f"WSGI_HIJACK_REDIS_MIN_REPLICAS to {replicas}")
+    if target.kind == "sentinel" and not wanted:
+        return Check("Redis", "WARN", f"{where} answers; publishes do not wait for a replica, "
+                     "so a failover can lose acknowledged messages",
+                     "WSGI_HIJACK_REDIS_MIN_REPLICAS=1")
+    return Check("Redis", "OK", f"{where} answers PING; {replicas} replicas connected")
 
 
 # -- a running server ------------------------------------------------------------------------
@@ -300,7 +321,8 @@ def diagnose(connections: int, pid: int | None = None, url: str | None = None) -
               check_file_max(connections), *check_backlog(), check_tcp_mem(connections),
               check_port_range(connections), check_fanout(), *check_versions(),
               *check_timeouts(env, argv_of(pid) if pid else None)]
-    redis_check = check_redis(env.get("WSGI_HIJACK_REDIS_URL") or config.redis_url())
+    redis_check = check_redis(env.get("WSGI_HIJACK_REDIS_URL")
+                              or os.environ.get("WSGI_HIJACK_REDIS_URL"), env)
     if redis_check is not None:
         checks.append(redis_check)
     if pid:

@@ -140,8 +140,14 @@ def on_starting(server):
     server.log.info("RLIMIT_NOFILE: soft %d, hard %d; soft now %d (each held "
                     "connection is one fd)", soft, hard, now)
     if redis_url:
+        from wsgi_hijack import redis_connect
+
+        try:
+            target = redis_connect.bus_target(redis_url)
+        except ValueError as exc:
+            raise SystemExit(f"wsgi_hijack: {exc}") from None
         os.environ["WSGI_HIJACK_REDIS_URL"] = redis_url  # inherited by the workers
-        server.log.info("bus: Redis at %s", redis_url)
+        server.log.info("bus: Redis, %s", target.describe())
     elif server.cfg.workers > 1 and os.environ.get("WSGI_HIJACK_ALLOW_LOCAL_BUS") != "1":
         # Each worker would have its own bus: a publish would reach only the
         # clients of the worker that took the POST. Refuse rather than lose.

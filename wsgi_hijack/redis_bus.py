@@ -3,8 +3,7 @@
 How it uses Redis (redis-py, with hiredis when installed):
 
 - **where**: one server, or a Sentinel set whose primary is looked up again on
-  every reconnect (:mod:`wsgi_hijack.redis_connect`). Redis Cluster has a bus
-  of its own, :mod:`wsgi_hijack.redis_cluster_bus`.
+  every reconnect (:mod:`wsgi_hijack.redis_connect`).
 - **ids**: one counter (``{prefix}id``) for the whole deployment, so ids are
   ordered per channel -- and across channels -- on every worker and host. The
   counter never goes back: each id is at least the server's clock in
@@ -109,9 +108,7 @@ class RedisBus:
                  history_age: float | None = None, max_message: int | None = None) -> None:
         if redis is None:
             raise RuntimeError("the Redis bus needs redis-py: pip install 'wsgi_hijack[redis]'")
-        self.target = redis_connect.parse(url)
-        if self.target.kind == "cluster":
-            raise ValueError(f"{self.target.describe()}: use RedisClusterBus for a cluster")
+        self.target = redis_connect.bus_target(url)
         #: Where, for logs and errors (without the password).
         self.url = self.target.describe()
         self.min_replicas = config.redis_min_replicas(url)
@@ -156,8 +153,8 @@ class RedisBus:
             message_id, acked = self._run_publish(keys, args)
         except (RedisError, OSError) as exc:
             self._counters.add("bus_errors")
-            raise BusUnavailable(f"cannot publish to {channel!r}: {self.url} "
-                                 f"is unavailable ({exc})") from exc
+            raise BusUnavailable(f"cannot publish to {channel!r}: {self.url} is unavailable "
+                                 f"({redis_connect.explain(exc, self.target)})") from exc
         if acked < self.min_replicas:
             self._counters.add("bus_errors")
             raise BusUnavailable(
@@ -193,7 +190,8 @@ class RedisBus:
         try:
             return int(self._client.get(self._key("id")) or 0)
         except (RedisError, OSError) as exc:
-            raise BusUnavailable(f"{self.url} is unavailable ({exc})") from exc
+            raise BusUnavailable(f"{self.url} is unavailable "
+                                 f"({redis_connect.explain(exc, self.target)})") from exc
 
     # -- replay -----------------------------------------------------------------------
 

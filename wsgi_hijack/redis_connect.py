@@ -13,7 +13,8 @@
   Sentinels that are down are skipped, as long as one answers.
 - ``redis+cluster://[[user]:password@]host:port,host:port,...``: seed nodes of
   a Redis Cluster (one is enough; the rest are found from it). No db: a
-  cluster has only db 0.
+  cluster has only db 0. Parsed and connected to here; the bus refuses it
+  for now (:func:`bus_target`).
 
 Parsing is strict and its errors say what to fix: a typo in the URL must not
 turn into a bus that silently talks to nobody.
@@ -104,15 +105,26 @@ def parse(url: str) -> RedisTarget:
                        options)
 
 
+def bus_target(url: str) -> RedisTarget:
+    """:func:`parse`, refusing what the Redis bus cannot run on (ValueError)."""
+    target = parse(url)
+    if target.kind == "cluster":
+        # The reactor routes exactly once along one order of ids per worker;
+        # a cluster's shards give none (docs/operations.rst).
+        raise ValueError(f"WSGI_HIJACK_REDIS_URL: {target.describe()}: Redis Cluster is not "
+                         "supported yet; use one Redis, or Sentinel (redis+sentinel://...) "
+                         "for failover")
+    return target
+
+
 def connect(target: RedisTarget) -> Any:
     """A redis-py client for ``target``: ``Redis`` (one server, or the primary
     of a Sentinel set, found again on each reconnect) or ``RedisCluster``."""
     import redis
-    from redis.cluster import ClusterNode, RedisCluster
-    from redis.sentinel import Sentinel
-
     from redis.backoff import NoBackoff
+    from redis.cluster import ClusterNode, RedisCluster
     from redis.retry import Retry
+    from redis.sentinel import Sentinel
 
     # One immediate retry, for a pooled connection that broke while idle (to
     # a primary that is gone): it reconnects, asking the sentinels again.
@@ -124,8 +136,10 @@ def connect(target: RedisTarget) -> Any:
         return redis.Redis.from_url(target.url, decode_responses=False, **timeouts)
     auth = {"username": target.username, "password": target.password}
     if target.kind == "sentinel":
+        # No retry: a sentinel that is down is skipped for the next one at once.
         sentinel_kwargs = {"socket_timeout": SENTINEL_TIMEOUT,
-                           "socket_connect_timeout": SENTINEL_TIMEOUT}
+                           "socket_connect_timeout": SENTINEL_TIMEOUT,
+                           "retry": Retry(NoBackoff(), 0)}
         if "sentinel_password" in target.options:
             sentinel_kwargs["password"] = target.options["sentinel_password"]
         sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
@@ -133,6 +147,17 @@ def connect(target: RedisTarget) -> Any:
                                    **auth, **timeouts)
     return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
                         decode_responses=False, **auth, **timeouts)
+
+
+def explain(exc: BaseException, target: RedisTarget) -> str:
+    """What went wrong, in a line: redis-py's text for a Sentinel lookup that
+    found no primary lists whole client objects."""
+    from redis.sentinel import MasterNotFoundError
+
+    if isinstance(exc, MasterNotFoundError):
+        return (f"no sentinel answered with a primary for service {target.service!r} "
+                "(all down, failing over, or a name they do not monitor)")
+    return str(exc)
 
 
 def _node(item: str, url: str) -> tuple[str, int]:
