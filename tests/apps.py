@@ -171,7 +171,8 @@ def _ws_echo(ws, message):
 
 
 def ws_echo(environ, start_response):
-    """A WebSocket with subprotocol choice and an echo callback, on ?channel=."""
+    """A WebSocket with subprotocol choice and an echo callback, on ?channel=
+    (from ?last_id=, if given)."""
     from urllib.parse import parse_qs
 
     from wsgi_hijack.websocket import websocket_response
@@ -179,7 +180,8 @@ def ws_echo(environ, start_response):
     q = parse_qs(environ.get("QUERY_STRING", ""))
     return websocket_response(environ, start_response, q.get("channel", []),
                               on_message=_ws_echo, subprotocols=["chat.v2", "chat.v1"],
-                              allowed_origins=["http://allowed.example"])
+                              allowed_origins=["http://allowed.example"],
+                              last_id=q.get("last_id", [None])[0])
 
 
 WS_PAGE = b"""<!doctype html><meta charset="utf-8"><title>ws chat</title>

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from wsgi_hijack import config
-from wsgi_hijack.redis_connect import bus_target, parse
+from wsgi_hijack.redis_connect import parse
 
 pytestmark = pytest.mark.unit
 
@@ -48,17 +48,10 @@ def test_passwords_stay_out_of_errors():
     assert "hunter2" not in str(refused.value)
 
 
-def test_the_bus_refuses_a_cluster_until_it_can_be_exact(monkeypatch):
-    with pytest.raises(ValueError, match="Redis Cluster is not supported yet"):
-        bus_target("redis+cluster://127.0.0.1:7000")
-    monkeypatch.setenv("WSGI_HIJACK_REDIS_URL", "redis+cluster://127.0.0.1:7000")
-    with pytest.raises(ValueError, match="Sentinel"):
-        config.redis_url()
-
-
 def test_replicas_to_wait_for(monkeypatch):
     sentinel = "redis+sentinel://127.0.0.1:26379/mymaster/0"
     assert config.redis_min_replicas(sentinel) == 1
+    assert config.redis_min_replicas("redis+cluster://127.0.0.1:7000") == 1
     assert config.redis_min_replicas("redis://127.0.0.1:6379/0") == 0
     assert config.redis_min_replicas(sentinel, {"WSGI_HIJACK_REDIS_MIN_REPLICAS": "0"}) == 0
     with pytest.raises(ValueError, match="int >= 0"):

@@ -205,9 +205,3 @@ def test_dead_sentinels_unknown_services_and_ids_from_before_a_failover(start_se
         assert gaps == 0, stream.data
         assert got == want, stream.name
 
-
-def test_a_cluster_url_is_refused_at_start_saying_why(start_server):
-    with pytest.raises(RuntimeError) as failed:
-        start_server("gunicorn", env={
-            "WSGI_HIJACK_REDIS_URL": "redis+cluster://127.0.0.1:1,127.0.0.1:2"})
-    assert "Redis Cluster is not supported yet" in str(failed.value)

@@ -86,23 +86,24 @@ def redis_url() -> str | None:
     (``redis+sentinel://h:26379,h:26380/mymaster/0``) or a Cluster
     (``redis+cluster://h:7000,h:7001``): :mod:`wsgi_hijack.redis_connect`.
     Unset: the in-process bus."""
-    from .redis_connect import bus_target
+    from .redis_connect import parse
 
     url = os.environ.get("WSGI_HIJACK_REDIS_URL", "").strip()
     if url:
-        bus_target(url)  # raises ValueError, saying what to fix
+        parse(url)  # raises ValueError, saying what to fix
     return url or None
 
 
 def redis_min_replicas(url: str, environ: dict[str, str] | None = None) -> int:
     """Replicas that must have a message before its publish succeeds:
     ``WSGI_HIJACK_REDIS_MIN_REPLICAS``. Default 1 with Sentinel (so that a
-    failover keeps what was acknowledged: docs/operations.rst), else 0.
+    failover keeps what was acknowledged: docs/operations.rst) and on a
+    Cluster, else 0.
     ``environ``: another process's environment (the doctor's look at a server)."""
     raw = (os.environ if environ is None else environ).get(
         "WSGI_HIJACK_REDIS_MIN_REPLICAS", "").strip()
     if not raw:
-        return 1 if url.startswith("redis+sentinel://") else 0
+        return 1 if url.startswith(("redis+sentinel://", "redis+cluster://")) else 0
     try:
         value = int(raw)
     except ValueError:

@@ -73,7 +73,7 @@ def _publish(environ: dict, start_response, query: dict) -> Iterable[bytes]:
     except BusUnavailable as exc:
         logging.getLogger("wsgi_hijack").error("publish failed: %s", exc)
         return plain_response(start_response, "503 Service Unavailable",
-                              f"{exc}\nNothing was published; retry later.\n",
+                              f"{exc}\nNot acknowledged; retry later.\n",
                               [("Retry-After", "1")])
     return json_response(start_response, "202 Accepted", {"id": message_id})
 

@@ -223,7 +223,7 @@ def check_redis(url: str | None, env: dict[str, str] | None = None) -> Check | N
 
         from . import redis_connect
 
-        target = redis_connect.bus_target(url)
+        target = redis_connect.parse(url)
         client = redis_connect.connect(target)
         client.ping()
         role = client.info("replication")

@@ -143,7 +143,7 @@ def on_starting(server):
         from wsgi_hijack import redis_connect
 
         try:
-            target = redis_connect.bus_target(redis_url)
+            target = redis_connect.parse(redis_url)
         except ValueError as exc:
             raise SystemExit(f"wsgi_hijack: {exc}") from None
         os.environ["WSGI_HIJACK_REDIS_URL"] = redis_url  # inherited by the workers

@@ -75,6 +75,14 @@ except ImportError:  # pragma: no cover - only without the [redis] extra
     redis = None
     RedisError = NoScriptError = OSError
 
+# What a failed command raises: redis-py's errors (RedisClusterException is
+# not one of them) and the socket's.
+_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError)
+if redis is not None:
+    from redis.exceptions import RedisClusterException
+
+    _FAILURES = (RedisError, RedisClusterException, OSError)
+
 # KEYS: counter, stream, pub/sub channel, "evicted" marker. ARGV: data, event, time, maxlen.
 # The id is the counter plus one, or the server's clock in microseconds if
 # that is ahead: ids never go back, even after a failover lost increments.
@@ -101,14 +109,81 @@ return id
 """
 
 
-class RedisBus:
+class ScriptPublishing:
+    """``publish`` as both Redis buses do it: the checks, the publish script
+    (with ``WAIT``), and what a failure means for the caller. The bus gives
+    ``_keys(channel)`` (the script's KEYS) and ``_run_publish``."""
+
+    url: str
+    target: redis_connect.RedisTarget
+    min_replicas: int
+    replica_timeout_ms: int
+    max_message: int
+    history_size: int
+    _counters: Counters
+
+    def _keys(self, channel: str) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _run_publish(self, keys: tuple, args: tuple) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def publish(self, channel: str, data: str | bytes, event: str | None = None) -> int:
+        check_channel(channel)
+        event = check_event(event)
+        data = check_data(data, self.max_message)
+        args = (data.encode("utf-8"), (event or "").encode(), repr(time.time()),
+                self.history_size)
+        try:
+            message_id, acked = self._run_publish(self._keys(channel), args)
+        except _FAILURES as exc:
+            self._counters.add("bus_errors")
+            raise BusUnavailable(f"cannot publish to {channel!r}: {self.url} is unavailable "
+                                 f"({redis_connect.explain(exc, self.target)})") from exc
+        if acked < self.min_replicas:
+            self._counters.add("bus_errors")
+            raise BusUnavailable(
+                f"message {message_id} on {channel!r} reached {acked} of the "
+                f"{self.min_replicas} replicas required (WSGI_HIJACK_REDIS_MIN_REPLICAS) in "
+                f"{self.replica_timeout_ms} ms: not acknowledged, it may be lost in a failover "
+                "(some clients may have it already)")
+        self._counters.add("published")
+        return message_id
+
+
+def publish_and_wait(client: Any, script: str, sha: str, keys: tuple, args: tuple,
+                     min_replicas: int, timeout_ms: int) -> tuple[int, int]:
+    """The publish script, then ``WAIT`` for the replicas on the same
+    connection (a pipeline), so that it waits for this very write.
+    Returns (id, replicas that confirmed it)."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        pipe.evalsha(sha, len(keys), *keys, *args)
+        if min_replicas:
+            pipe.execute_command("WAIT", min_replicas, timeout_ms)
+        try:
+            replies = pipe.execute()
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            # A server that has not seen the script yet (new, restarted, or
+            # promoted by a failover): load it, and publish once more.
+            client.script_load(script)
+            continue
+        return int(replies[0]), int(replies[1]) if min_replicas else 0
+    raise AssertionError("unreachable")
+
+
+class RedisBus(ScriptPublishing):
     """A bus shared by every worker and host connected to the same Redis."""
 
     def __init__(self, url: str, prefix: str = "wsgi_hijack:", history_size: int | None = None,
                  history_age: float | None = None, max_message: int | None = None) -> None:
         if redis is None:
             raise RuntimeError("the Redis bus needs redis-py: pip install 'wsgi_hijack[redis]'")
-        self.target = redis_connect.bus_target(url)
+        self.target = redis_connect.parse(url)
+        if self.target.kind == "cluster":
+            raise ValueError(f"{self.target.describe()}: use RedisClusterBus")
         #: Where, for logs and errors (without the password).
         self.url = self.target.describe()
         self.min_replicas = config.redis_min_replicas(url)
@@ -141,52 +216,15 @@ class RedisBus:
 
     # -- publishing, from any greenlet -------------------------------------------
 
-    def publish(self, channel: str, data: str | bytes, event: str | None = None) -> int:
-        check_channel(channel)
-        event = check_event(event)
-        data = check_data(data, self.max_message)
-        keys = (self._key("id"), self._key("s:", channel), self._key("c:", channel),
+    def _keys(self, channel: str) -> tuple[str, ...]:
+        return (self._key("id"), self._key("s:", channel), self._key("c:", channel),
                 self._key("ev:", channel))
-        args = (data.encode("utf-8"), (event or "").encode(), repr(time.time()),
-                self.history_size)
-        try:
-            message_id, acked = self._run_publish(keys, args)
-        except (RedisError, OSError) as exc:
-            self._counters.add("bus_errors")
-            raise BusUnavailable(f"cannot publish to {channel!r}: {self.url} is unavailable "
-                                 f"({redis_connect.explain(exc, self.target)})") from exc
-        if acked < self.min_replicas:
-            self._counters.add("bus_errors")
-            raise BusUnavailable(
-                f"message {message_id} on {channel!r} reached {acked} of the "
-                f"{self.min_replicas} replicas required (WSGI_HIJACK_REDIS_MIN_REPLICAS) in "
-                f"{self.replica_timeout_ms} ms: not acknowledged, it may be lost in a failover "
-                "(some clients may have it already)")
-        self._counters.add("published")
-        return message_id
 
     def _run_publish(self, keys: tuple, args: tuple) -> tuple[int, int]:
-        """The publish script, then ``WAIT`` for the replicas on the same
-        connection (a pipeline), so that it waits for this very write.
-        Returns (id, replicas that confirmed it)."""
-        for attempt in (1, 2):
-            pipe = self._client.pipeline(transaction=False)
-            pipe.evalsha(self._publish_sha, len(keys), *keys, *args)
-            if self.min_replicas:
-                pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
-            try:
-                replies = pipe.execute()
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-                # A server that has not seen the script yet (new, restarted, or
-                # promoted by a failover): load it, and publish once more.
-                self._client.script_load(_PUBLISH)
-                continue
-            return int(replies[0]), int(replies[1]) if self.min_replicas else 0
-        raise AssertionError("unreachable")
+        return publish_and_wait(self._client, _PUBLISH, self._publish_sha, keys, args,
+                                self.min_replicas, self.replica_timeout_ms)
 
-    def last_id(self) -> int:
+    def last_id(self, channel: str | None = None) -> int:
         try:
             return int(self._client.get(self._key("id")) or 0)
         except (RedisError, OSError) as exc:
@@ -231,6 +269,7 @@ class RedisBus:
 
     #: A subscription is live once Redis confirms it (a Live event).
     confirms_subscriptions = True
+    ids_per_channel = False
 
     def counters(self) -> dict[str, int]:
         return self._counters.snapshot()

@@ -13,8 +13,7 @@
   Sentinels that are down are skipped, as long as one answers.
 - ``redis+cluster://[[user]:password@]host:port,host:port,...``: seed nodes of
   a Redis Cluster (one is enough; the rest are found from it). No db: a
-  cluster has only db 0. Parsed and connected to here; the bus refuses it
-  for now (:func:`bus_target`).
+  cluster has only db 0. Its bus is :mod:`wsgi_hijack.redis_cluster_bus`.
 
 Parsing is strict and its errors say what to fix: a typo in the URL must not
 turn into a bus that silently talks to nobody.
@@ -103,18 +102,6 @@ def parse(url: str) -> RedisTarget:
                              f"{segments[1]!r}") from None
     return RedisTarget(kind, url, nodes, unquote(segments[0]), db, username, password,
                        options)
-
-
-def bus_target(url: str) -> RedisTarget:
-    """:func:`parse`, refusing what the Redis bus cannot run on (ValueError)."""
-    target = parse(url)
-    if target.kind == "cluster":
-        # The reactor routes exactly once along one order of ids per worker;
-        # a cluster's shards give none (docs/operations.rst).
-        raise ValueError(f"WSGI_HIJACK_REDIS_URL: {target.describe()}: Redis Cluster is not "
-                         "supported yet; use one Redis, or Sentinel (redis+sentinel://...) "
-                         "for failover")
-    return target
 
 
 def connect(target: RedisTarget) -> Any:

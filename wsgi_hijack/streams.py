@@ -18,7 +18,8 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from .bus import PublishError, check_channel
+from .bus import PublishError, check_channel, get_bus
+from .bus.positions import Position, parse_position
 from .hijack import full_hijack, is_hijackable, partial_hijack
 from .protocols.chunked import HEAD_HEADERS as CHUNKED_HEAD
 from .protocols.chunked import ChunkedStream
@@ -57,13 +58,21 @@ def json_response(start_response, status: str, data: object) -> list[bytes]:
     return [body]
 
 
-def parse_id(value: str | None, what: str) -> int | None:
-    """A message id from a client: a non-negative integer, or absent."""
+def parse_id(value: str | None, what: str) -> Position | None:
+    """A position from a client: a non-negative message id, or absent; on a
+    bus whose channels count their own ids (Redis Cluster), also one id per
+    channel, ``channel=id,channel=id`` (:mod:`wsgi_hijack.bus.positions`)."""
     if value is None or value == "":
         return None
-    if not value.isascii() or not value.isdigit() or len(value) > 19:
+    if value.isascii() and value.isdigit() and len(value) <= 19:
+        return int(value)
+    if not get_bus().ids_per_channel:
         raise BadRequest(f"{what} must be a non-negative integer message id, got {value!r}")
-    return int(value)
+    try:
+        return parse_position(value)
+    except ValueError as exc:
+        raise BadRequest(f"{what} must be a message id or channel=id,... positions "
+                         f"({exc}), got {value!r}") from None
 
 
 def check_channels(channels: Iterable[str]) -> tuple[str, ...]:
@@ -104,7 +113,7 @@ def sse_response(environ: dict, start_response, channels: Iterable[str],
                         channels, last_id)
 
 
-def _last_id(environ: dict, last_id: int | str | None) -> int | None:
+def _last_id(environ: dict, last_id: int | str | None) -> Position | None:
     """The given id, else the request's ``Last-Event-ID`` header; checked."""
     if last_id is None:
         return parse_id(environ.get("HTTP_LAST_EVENT_ID"), "Last-Event-ID")
@@ -114,7 +123,7 @@ def _last_id(environ: dict, last_id: int | str | None) -> int | None:
 
 
 def _hold_stream(environ: dict, start_response, what: str, protocol, head: list,
-                 channels: tuple[str, ...], last_id: int | None) -> list[bytes]:
+                 channels: tuple[str, ...], last_id: Position | None) -> list[bytes]:
     if not is_hijackable(environ):
         return _unhijackable(start_response, what)
     reactor = get_reactor()

@@ -158,13 +158,17 @@ class Bus(Protocol):
     #: True when a subscription is live only once a :class:`Live` event
     #: confirms it; False when subscribing is immediate (one process).
     confirms_subscriptions: bool
+    #: True when each channel counts its own ids (Redis Cluster): positions
+    #: are then per channel (:mod:`.positions`); False: one counter for all.
+    ids_per_channel: bool
 
     def publish(self, channel: str, data: str | bytes, event: str | None = None) -> int:
         """Publish; returns the id. Any thread. Raises PublishError, BusUnavailable."""
         ...
 
-    def last_id(self) -> int:
-        """The id of the last message published, on any channel."""
+    def last_id(self, channel: str | None = None) -> int:
+        """The id of the last message published, on any channel (on
+        ``channel``, for a bus whose channels count their own ids)."""
         ...
 
     def replay(self, channels: Iterable[str], after: int | None,

@@ -123,11 +123,12 @@ class InProcessBus:
                                  "its successor's state comes too late")
             self._last_id, self._channels = last_id, channels
 
-    def last_id(self) -> int:
+    def last_id(self, channel: str | None = None) -> int:
         return self._last_id
 
     # One process: every channel is live at once, nothing to subscribe to.
     confirms_subscriptions = False
+    ids_per_channel = False
 
     def subscribe(self, channel: str) -> None:
         pass

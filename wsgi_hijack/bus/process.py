@@ -16,10 +16,14 @@ _bus_lock = threading.Lock()
 
 def make_bus() -> Bus:
     """The bus the configuration asks for: Redis when ``WSGI_HIJACK_REDIS_URL``
-    is set, else the in-process bus."""
+    is set (on Redis Cluster for ``redis+cluster://``), else the in-process bus."""
     url = config.redis_url()
     if url:
         # Imported here: redis-py is an optional dependency.
+        if url.startswith("redis+cluster://"):
+            from ..redis_cluster_bus import RedisClusterBus
+
+            return RedisClusterBus(url)
         from ..redis_bus import RedisBus
 
         return RedisBus(url)

@@ -27,6 +27,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..bus.positions import parse_position
+
 MAGIC = b"WHH1"
 _HEADER = struct.Struct("!4sII")  # magic+version, payload length, CRC-32
 HEADER_SIZE = _HEADER.size
@@ -48,7 +50,7 @@ class ConnectionState:
     protocol: str
     request: str = "GET / HTTP/1.1"
     channels: tuple[str, ...] = ()
-    last_id: int | None = None
+    last_id: int | str | None = None
     outbuf: bytes = b""
     deadline_in: float | None = None
     protocol_state: dict[str, Any] = field(default_factory=dict)
@@ -135,8 +137,14 @@ def _state(item: Any, fds: int) -> ConnectionState:
     if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
         raise HandoffError(f"connection {fd}: channels must be a list of names")
     last_id = item.get("last_id")
-    if last_id is not None and (type(last_id) is not int or last_id < 0):
-        raise HandoffError(f"connection {fd}: last_id must be a non-negative int")
+    if type(last_id) is str:  # a position per channel (Redis Cluster)
+        try:
+            parse_position(last_id)
+        except ValueError as exc:
+            raise HandoffError(f"connection {fd}: last_id: {exc}") from None
+    elif last_id is not None and (type(last_id) is not int or last_id < 0):
+        raise HandoffError(f"connection {fd}: last_id must be a non-negative int or "
+                           "channel=id,... positions")
     deadline = item.get("deadline_in")
     if deadline is not None and (type(deadline) not in (int, float) or deadline < 0):
         raise HandoffError(f"connection {fd}: deadline_in must be seconds >= 0")

@@ -69,10 +69,12 @@ from gevent import monkey
 from .. import config
 from ..admission import Admission, Refusal
 from ..bus.base import Bus, Event, Message
+from ..bus.positions import Position, parse_position
 from ..connection import Connection, State
 from ..handoff.codec import ConnectionState
 from ..protocols.base import ConnectionDone, Protocol, ProtocolError
 from . import fanout, moving
+from .channel_routing import PerChannelRouter
 from .entry import HubEntry
 from .heartbeats import Heartbeats
 from .loop import Loop
@@ -140,11 +142,6 @@ class Reactor(Loop, Messages):
     def admission(self) -> Admission:
         return self.occupancy.admission
 
-    @property
-    def delivered_upto(self) -> int:
-        """Id of the last message delivered to subscribers."""
-        return self.router.delivered_upto
-
     # -- starting and stopping -------------------------------------------------
 
     def start(self) -> Reactor:
@@ -156,11 +153,12 @@ class Reactor(Loop, Messages):
             from ..bus.process import get_bus
 
             self.bus = get_bus()
-        self.router.confirms = self.bus.confirms_subscriptions
+        per_channel = self.bus.ids_per_channel
+        self.router = (PerChannelRouter if per_channel else Router)(self.bus.confirms_subscriptions)
         # Anything published before now had no subscriber here, but stays
-        # replayable: count it as delivered.
+        # replayable: count it as delivered. (Per channel: as each goes live.)
         try:
-            self.router.delivered_upto = self.bus.last_id()
+            self.router.delivered_upto = 0 if per_channel else self.bus.last_id()
         except Exception as exc:  # a bus that is down now may be back soon
             log.warning("bus unavailable at start (%s); continuing without it", exc)
         hub = gevent.get_hub()
@@ -231,7 +229,7 @@ class Reactor(Loop, Messages):
                 # A long-poll gets its (empty) answer, so it polls again at once;
                 # streams get their protocol's goodbye (SSE: a retry hint;
                 # chunked: the last chunk; WebSocket: a close frame).
-                last = protocol.timeout(self.delivered_upto) if protocol.one_shot \
+                last = protocol.timeout(self.router.position(conn)) if protocol.one_shot \
                     else protocol.goodbye
                 if last or conn.outbuf:
                     try:  # one non-blocking write: whatever the kernel takes
@@ -252,7 +250,7 @@ class Reactor(Loop, Messages):
     # -- 1. handed over ---------------------------------------------------------
 
     def hold(self, sock: Any, protocol: Protocol, initial: bytes = b"",
-             channels: tuple[str, ...] | list[str] = (), last_id: int | None = None,
+             channels: tuple[str, ...] | list[str] = (), last_id: Position | None = None,
              timeout: float | None = None) -> Connection:
         """Take ``sock`` (a socket, or a HijackedSocket) and hold it; thread-safe.
 
@@ -274,6 +272,8 @@ class Reactor(Loop, Messages):
         resumed = getattr(sock, "resumed", None)
         if resumed is not None:
             initial, last_id, timeout = moving.resume(protocol, resumed)
+        if type(last_id) is str:  # a position per channel, as it moves between workers
+            last_id = parse_position(last_id)
         take_pending = getattr(sock, "take_pending", None)
         pending = take_pending() if take_pending is not None else b""
         request = getattr(sock, "request", None)

@@ -45,7 +45,6 @@ class Messages:
     _counts: dict[str, Any]
     _armed: set[int]
     _senders: list[fanout.Sender]
-    delivered_upto: int
 
     if TYPE_CHECKING:
         def _write(self, conn: Connection, data: bytes) -> None: ...
@@ -65,19 +64,20 @@ class Messages:
             if kind is ReadHistory:
                 conn = effect.conn
                 if conn.fd >= 0 and not conn.closing:
-                    key = (conn.channels, effect.after, effect.upto)
+                    after = effect.after
+                    key = (conn.channels, after if type(after) is not dict
+                           else tuple(after.items()), effect.upto)
                     replay = replays.get(key)
                     if replay is None:
-                        replay = replays[key] = bus.replay(conn.channels, effect.after,
-                                                           effect.upto)
-                    self._join(conn, replay)
+                        replay = replays[key] = bus.replay(conn.channels, after, effect.upto)
+                    self._join(conn, replay, after)
             elif kind is Subscribe:
                 bus.subscribe(effect.channel)
             elif kind is Unsubscribe:
                 bus.unsubscribe(effect.channel)
             elif kind is RecordPosition:
                 try:
-                    position = bus.last_id()
+                    position = bus.last_id(effect.channel)
                 except Exception:
                     position = None
                 self.router.went_live(effect.channel, position)
@@ -85,11 +85,12 @@ class Messages:
                 replay = bus.replay(effect.channels, effect.after) if effect.after else None
                 self._send_out(self.router.caught_up(replay))
 
-    def _join(self, conn: Connection, replay: Replay) -> None:
-        """Write what ``conn`` missed, then let it take what is published."""
+    def _join(self, conn: Connection, replay: Replay, after: Any = None) -> None:
+        """Write what ``conn`` missed (after ``after``, its position), then let
+        it take what is published."""
         if conn.fd < 0 or conn.closing:  # its goodbye is out (or on its way): nothing after it
             return
-        opening = conn.protocol.opening(replay)
+        opening = conn.protocol.opening(self.router.shown(conn, after, replay))
         if opening:
             self._write(conn, opening)
             if conn.protocol.one_shot:
@@ -163,5 +164,5 @@ class Messages:
     def _deadline(self, conn: Connection) -> None:
         """A one-shot's deadline: its timeout answer, unless it was answered."""
         if conn.fd >= 0 and not conn.closing:
-            self._write(conn, conn.protocol.timeout(self.delivered_upto))
+            self._write(conn, conn.protocol.timeout(self.router.position(conn)))
             self._finish(conn)

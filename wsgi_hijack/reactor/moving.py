@@ -42,7 +42,7 @@ def states(conns: Iterable[Connection], router: Router, timers: Timers,
                           protocol.name)
             continue
         when = deadlines.get(conn)
-        goodbye = protocol.timeout(router.delivered_upto) if protocol.one_shot \
+        goodbye = protocol.timeout(router.position(conn)) if protocol.one_shot \
             else protocol.goodbye
         found.append(ConnectionState(
             len(movable), protocol.name, conn.request, conn.channels,

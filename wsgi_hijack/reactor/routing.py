@@ -150,16 +150,8 @@ class Router:
 
     def join(self, conn: Connection, after: int | None) -> list[Effect]:
         """``conn`` wants its channels' messages after ``after`` (None: none missed)."""
-        effects: list[Effect] = []
-        live = True
-        for channel in conn.channels:
-            awaited = self._channels.get(channel)
-            if awaited is None:
-                awaited = self._channels[channel] = 1 if self.confirms else 0
-                effects.append(Subscribe(channel))
-            live = live and awaited == 0
-        if not live or self._held_back is not None:
-            self._waiting[conn] = after
+        effects = self._subscribe(conn)
+        if not self._ready(conn, after):
             return effects
         upto = self.delivered_upto
         if self._live_from:
@@ -168,13 +160,33 @@ class Router:
         effects.append(ReadHistory(conn, after, upto or None))
         return effects
 
+    def _subscribe(self, conn: Connection) -> list[Effect]:
+        """Subscribe the channels of ``conn`` that nobody here has yet."""
+        effects: list[Effect] = []
+        for channel in conn.channels:
+            if channel not in self._channels:
+                self._channels[channel] = 1 if self.confirms else 0
+                effects.append(Subscribe(channel))
+        return effects
+
+    def _ready(self, conn: Connection, after: Any) -> bool:
+        """True if ``conn``'s channels are all live and nothing is held back;
+        else it waits, and reads its history once they are."""
+        if self._held_back is None and all(self._channels[c] == 0 for c in conn.channels):
+            return True
+        self._waiting[conn] = after
+        return False
+
     def attach(self, conn: Connection, read_upto: int) -> None:
         """``conn`` has its history up to ``read_upto``: route it what follows."""
         if read_upto > self.delivered_upto:
             # The read went past what was routed: those messages are still
             # on their way, and this connection already has them.
             self._skip[conn] = read_upto
-        key = group_key(conn)
+        self._add(conn)
+
+    def _add(self, conn: Connection) -> None:
+        key = self.group_key(conn)
         for channel in conn.channels:
             groups = self.subscribers.get(channel)
             if groups is None:
@@ -188,7 +200,7 @@ class Router:
         """``conn`` takes no more messages (complete, or gone)."""
         self._waiting.pop(conn, None)
         self._skip.pop(conn, None)
-        key = group_key(conn)
+        key = self.group_key(conn)
         effects: list[Effect] = []
         for channel in conn.channels:
             groups = self.subscribers.get(channel)
@@ -225,6 +237,13 @@ class Router:
             return waiting
         return max(self.delivered_upto, self._skip.get(conn, 0))
 
+    def group_key(self, conn: Connection) -> GroupKey:
+        return group_key(conn)
+
+    def shown(self, conn: Connection, after: Any, replay: Replay) -> Replay:
+        """The replay as ``conn``'s protocol writes it: as read, here."""
+        return replay
+
     def subscriber_count(self, channel: str) -> int:
         return sum(map(len, self.subscribers.get(channel, {}).values()))
 
@@ -249,7 +268,7 @@ class Router:
         if any(self._channels.values()):
             return effects
         if self._held_back is not None:
-            effects.append(CatchUp(tuple(self.subscribers), self.delivered_upto or None))
+            effects.append(self._catch_up())
         ready = [conn for conn in self._waiting
                  if all(self._channels.get(c) == 0 for c in conn.channels)]
         for conn in ready:
@@ -257,6 +276,9 @@ class Router:
             # subscription was live are only there.
             effects.append(ReadHistory(conn, self._waiting.pop(conn), None))
         return effects
+
+    def _catch_up(self) -> CatchUp:
+        return CatchUp(tuple(self.subscribers), self.delivered_upto or None)
 
     def went_live(self, channel: str, position: int | None) -> None:
         """The bus's last id when ``channel`` went live (None: unknown)."""
