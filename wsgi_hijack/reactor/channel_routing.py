@@ -59,9 +59,14 @@ class PerChannelRouter(Router):
         effects.append(ReadHistory(conn, after, upto))
         return effects
 
-    def attach(self, conn: Connection, read_upto: Any) -> None:
+    def attach(self, conn: Connection, read_upto: Any, after: Any = None) -> None:
         delivered = self.delivered
-        ahead = {c: i for c, i in dict(read_upto).items() if i > delivered.get(c, 0)}
+        has = dict(read_upto)
+        for channel in conn.channels:
+            start = after_on(after, channel)
+            if start is not None and start > has.get(channel, 0):
+                has[channel] = start
+        ahead = {c: i for c, i in has.items() if i > delivered.get(c, 0)}
         if ahead:  # messages still on their way that this connection has read
             self._has[conn] = ahead
         self._add(conn)

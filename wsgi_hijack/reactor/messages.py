@@ -97,7 +97,7 @@ class Messages:
                 self._finish(conn)
                 return
         if conn.fd >= 0:
-            self.router.attach(conn, replay.last_id)
+            self.router.attach(conn, replay.last_id, after)
 
     # -- published messages -----------------------------------------------------
 

@@ -177,12 +177,15 @@ class Router:
         self._waiting[conn] = after
         return False
 
-    def attach(self, conn: Connection, read_upto: int) -> None:
-        """``conn`` has its history up to ``read_upto``: route it what follows."""
-        if read_upto > self.delivered_upto:
-            # The read went past what was routed: those messages are still
+    def attach(self, conn: Connection, read_upto: int, after: Any = None) -> None:
+        """``conn`` has its history up to ``read_upto``, and had everything up
+        to ``after`` before it came: route it what follows."""
+        has = read_upto if after is None else max(read_upto, after)
+        if has > self.delivered_upto:
+            # The read (or the client, served by a faster worker before it
+            # came here) went past what was routed: those messages are still
             # on their way, and this connection already has them.
-            self._skip[conn] = read_upto
+            self._skip[conn] = has
         self._add(conn)
 
     def _add(self, conn: Connection) -> None:
