@@ -152,7 +152,9 @@ def test_publish_rule_refuses_non_loopback_without_token(monkeypatch):
 def test_subscribe_errors_are_clear_400s(gunicorn):
     for target, reason in [("/events", "no channel"), ("/events?channel=a%20b", "invalid channel"),
                            ("/poll?channel=a&since=abc", "since"),
-                           ("/poll?channel=a&since=-1", "since")]:
+                           ("/poll?channel=a&since=-1", "since"),
+                           # per-channel positions are for Redis Cluster only
+                           ("/poll?channel=a&since=a%3D1", "non-negative integer message id")]:
         status, _, body = gunicorn.get(target)
         assert status == 400 and reason.encode() in body, (target, status, body)
     with wire.request(gunicorn.port, "/events?channel=a", "Last-Event-ID: 12x\r\n") as s:

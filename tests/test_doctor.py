@@ -101,3 +101,30 @@ def test_bad_targets_are_named():
     assert low.status == "FAIL" and "ulimit -n 20000" in low.fix
     hard = doctor.check_nofile(30000, 20000, 20000)
     assert hard.status == "FAIL" and "LimitNOFILE=30100" in hard.fix
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_sentinel_and_cluster_replicas_are_checked(tmp_path):
+    """Through the sentinels, and on every master of a cluster: the replicas
+    a publish waits for are there, or the check fails with the setting to change."""
+    from harness.redis_topology import ClusterSet, SentinelSet
+
+    with SentinelSet(tmp_path / "sentinel") as sentinels:
+        url = sentinels.url()
+        found = checks(run("--json", env={"WSGI_HIJACK_REDIS_URL": url}))["Redis"]
+        assert found["status"] == "OK" and "2 replicas connected" in found["detail"]
+        too_many = checks(run("--json", env={"WSGI_HIJACK_REDIS_URL": url,
+                                             "WSGI_HIJACK_REDIS_MIN_REPLICAS": "3"}))["Redis"]
+        assert too_many["status"] == "FAIL"
+        assert too_many["fix"] == "start the replicas, or set WSGI_HIJACK_REDIS_MIN_REPLICAS=2"
+        unwaited = checks(run("--json", env={"WSGI_HIJACK_REDIS_URL": url,
+                                             "WSGI_HIJACK_REDIS_MIN_REPLICAS": "0"}))["Redis"]
+        assert unwaited["status"] == "WARN"
+        unknown = checks(run("--json", env={
+            "WSGI_HIJACK_REDIS_URL": url.replace("/mymaster/", "/nosuch/")}))["Redis"]
+        assert unknown["status"] == "FAIL" and "nosuch" in unknown["detail"]
+    with ClusterSet(tmp_path / "cluster") as cluster:
+        found = checks(run("--json", env={"WSGI_HIJACK_REDIS_URL": cluster.url()}))["Redis"]
+        assert found["status"] == "OK"
+        assert "1 replicas connected to the master with the fewest" in found["detail"]

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wsgi_hijack.bus.positions import format_position
 from wsgi_hijack.handoff import transport
 from wsgi_hijack.handoff.codec import (
     HEADER_SIZE,
@@ -25,7 +26,9 @@ states = st.builds(
     request=st.from_regex(r"/[a-z0-9=?&%.]{0,20}", fullmatch=True).map(
         lambda target: f"GET {target} HTTP/1.1"),
     channels=st.lists(names, max_size=3).map(tuple),
-    last_id=st.none() | st.integers(0, 1 << 60), outbuf=st.binary(max_size=200),
+    last_id=st.none() | st.integers(0, 1 << 60) | st.dictionaries(
+        st.sampled_from(["news", "tick", "a.b"]), st.integers(0, 1 << 60), min_size=1).map(
+        format_position), outbuf=st.binary(max_size=200),
     input=st.binary(max_size=50), goodbye=st.binary(max_size=50),
     deadline_in=st.none() | st.floats(0, 1e6),
     protocol_state=st.dictionaries(names, st.integers() | names, max_size=3))
@@ -66,6 +69,8 @@ def test_a_truncated_or_corrupted_batch_is_refused_whole(items, data):
     ({"fd": 0, "protocol": "sse", "request": "GET http://x/ HTTP/1.1"},
      "request must be a request line"),
     ({"fd": 0, "protocol": "sse", "last_id": -1}, "last_id"),
+    ({"fd": 0, "protocol": "sse", "last_id": "news=1,news=2"}, "named twice"),
+    ({"fd": 0, "protocol": "sse", "last_id": "news=x"}, "last_id"),
     ({"fd": 0, "protocol": "sse", "outbuf": "%%%"}, "base64"),
     ({"fd": 0, "protocol": "sse", "channels": "c"}, "channels"),
     ({"fd": 0, "protocol": "sse", "deadline_in": -2}, "deadline_in"),

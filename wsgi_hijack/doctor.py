@@ -226,7 +226,11 @@ def check_redis(url: str | None, env: dict[str, str] | None = None) -> Check | N
         target = redis_connect.parse(url)
         client = redis_connect.connect(target)
         client.ping()
-        role = client.info("replication")
+        if target.kind == "cluster":  # the shard with the fewest replicas decides
+            replicas = min(int(info.get("connected_slaves", 0)) for info in client.info(
+                "replication", target_nodes=client.PRIMARIES).values())
+        else:
+            replicas = int(client.info("replication").get("connected_slaves", 0))
     except ImportError:
         return Check("Redis", "FAIL", f"{url} configured, redis-py missing",
                      "pip install 'wsgi_hijack[redis]'")
@@ -236,18 +240,18 @@ def check_redis(url: str | None, env: dict[str, str] | None = None) -> Check | N
         return Check("Redis", "FAIL", f"{url}: {exc}",
                      "start redis-server there, or fix WSGI_HIJACK_REDIS_URL")
     where = target.describe()
-    replicas = int(role.get("connected_slaves", 0))
     wanted = config.redis_min_replicas(url, env)
+    connected = f"{replicas} replicas connected" + (
+        " to the master with the fewest" if target.kind == "cluster" else "")
     if replicas < wanted:
-        return Check("Redis", "FAIL", f"{where} answers, with {replicas} connected replicas; "
-                     f"each publish waits for {wanted} (WSGI_HIJACK_REDIS_MIN_REPLICAS) and "
-                     "fails without them", "start the replicas, or lower "
-                     f"WSGI_HIJACK_REDIS_MIN_REPLICAS to {replicas}")
-    if target.kind == "sentinel" and not wanted:
+        return Check("Redis", "FAIL", f"{where} answers, {connected}; each publish waits for "
+                     f"{wanted} (WSGI_HIJACK_REDIS_MIN_REPLICAS) and fails without them",
+                     f"start the replicas, or set WSGI_HIJACK_REDIS_MIN_REPLICAS={replicas}")
+    if target.kind != "single" and not wanted:
         return Check("Redis", "WARN", f"{where} answers; publishes do not wait for a replica, "
                      "so a failover can lose acknowledged messages",
                      "WSGI_HIJACK_REDIS_MIN_REPLICAS=1")
-    return Check("Redis", "OK", f"{where} answers PING; {replicas} replicas connected")
+    return Check("Redis", "OK", f"{where} answers PING; {connected}")
 
 
 # -- a running server ------------------------------------------------------------------------
