@@ -253,11 +253,19 @@ def leave(reactor: Any) -> int:
             meta = {}
             if this.single and isinstance(bus, InProcessBus):
                 meta["bus"] = bus.hand_over()
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(60.0)
-                sock.connect(str(park))
-                sock.sendall(b"G")
-                taken = transport.give(sock, [c.fd for c in conns], encode_batch(states, meta))
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(60.0)
+                    sock.connect(str(park))
+                    sock.sendall(b"G")
+                    taken = transport.give(sock, [c.fd for c in conns],
+                                           encode_batch(states, meta))
+            except (OSError, HandoffError) as exc:
+                # The master began to stop after the check above (its park
+                # refuses, or is gone): a shutdown after all, not a fault.
+                log.info("the park of master %d did not take %d connections (%s); they get "
+                         "their goodbye", master, len(conns), exc)
+                return False
             return taken == len(conns)
 
         moved = reactor.hand_off(give)
