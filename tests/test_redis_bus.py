@@ -141,3 +141,40 @@ def test_one_publish_reaches_every_host(start_server, redis_server):
             with s:
                 assert f"id: {msg}\ndata: hello all\n\n".encode() in read_until(
                     s, b"data: hello all\n\n")
+
+
+def test_a_replay_cut_by_redis_sends_the_client_back_to_reconnect(start_server, redis_server):
+    """Redis stops answering in the middle of a client's replay (held by
+    ``CLIENT PAUSE`` past the bus's timeouts): the client is not told to skip
+    ahead. It gets its goodbye with no event, reconnects from its own
+    Last-Event-ID once Redis is back, and gets exactly what it missed."""
+    server = redis_gunicorn(start_server, redis_server, workers=1)
+    keeper = open_sse(server, "cut", 1)  # the channel stays live at the bus
+    ids = [published_id(server, "cut", f"m{i}") for i in range(3)]
+    with wire.connect(redis_server.port, b"CLIENT PAUSE 12000 ALL\r\n") as admin:
+        assert admin.recv(100).startswith(b"+OK")
+    with wire.request(server.port, "/events?channel=cut", f"Last-Event-ID: {ids[0]}\r\n",
+                      timeout=30) as s:
+        cut = read_until(s, b"retry: 1000\n\n")  # heartbeats meanwhile: no timeout
+        assert s.recv(100) == b""  # then closed
+    assert cut.endswith(b"retry: 1000\n\n"), cut  # its goodbye: reconnect soon
+    assert b"id: " not in cut and b"retry: 2000" not in cut  # no event, no opening
+    back = wait_for_reconnect(server, ids[0])
+    assert back == [f"id: {ids[i]}\ndata: m{i}" for i in (1, 2)]
+    for s in keeper:
+        s.close()
+
+
+def wait_for_reconnect(server, last_id: int) -> list[str]:
+    """Reconnect as EventSource does until the replay is served; its events."""
+    deadline = time.monotonic() + 30
+    while True:
+        with wire.request(server.port, "/events?channel=cut", f"Last-Event-ID: {last_id}\r\n",
+                          timeout=30) as s:
+            data = read_until(s, b"\n\n", read_until(s, b"\r\n\r\n"))
+            if b"retry: 2000" in data:
+                data = read_until(s, b"data: m2\n\n", data)
+                body = data.partition(b"\r\n\r\n")[2].decode()
+                return [block for block in body.split("\n\n")[1:] if block]
+        assert time.monotonic() < deadline, "Redis did not come back"
+        time.sleep(0.5)

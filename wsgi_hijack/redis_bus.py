@@ -227,7 +227,7 @@ class RedisBus(ScriptPublishing):
     def last_id(self, channel: str | None = None) -> int:
         try:
             return int(self._client.get(self._key("id")) or 0)
-        except (RedisError, OSError) as exc:
+        except _FAILURES as exc:
             raise BusUnavailable(f"{self.url} is unavailable "
                                  f"({redis_connect.explain(exc, self.target)})") from exc
 
@@ -255,9 +255,9 @@ class RedisBus(ScriptPublishing):
                     found.append(message)
                 if not gap and self._trimmed_after(channel, after):
                     gap = True
-        except (RedisError, OSError) as exc:
-            log.warning("replay from Redis failed: %s", exc)
-            return Replay([], True, upto or 0)  # the client is told it may have missed some
+        except (*_FAILURES, BusUnavailable) as exc:
+            log.warning("replay from %s failed: %s", self.url, exc)
+            return Replay([], True, upto or 0, failed=True)
         found.sort(key=lambda m: m.id)
         return Replay(found, gap, upto)
 
@@ -301,7 +301,7 @@ class RedisBus(ScriptPublishing):
             return  # not connected: the listener subscribes all wanted channels when it is
         try:
             getattr(pubsub, command)(self._key("c:", channel))
-        except (RedisError, OSError) as exc:
+        except _FAILURES as exc:
             log.debug("%s %s deferred until Redis is back: %s", command, channel, exc)
 
     def _listen(self) -> None:
@@ -331,7 +331,7 @@ class RedisBus(ScriptPublishing):
                         self._deliver(_parse(channel, item["data"]))
                     elif kind == b"subscribe" or kind == "subscribe":
                         self._deliver(Live(channel))
-            except (RedisError, OSError) as exc:
+            except _FAILURES as exc:
                 self._pubsub = None
                 log.warning("Redis bus lost its subscription (%s); reconnecting in %.1f s",
                             exc, backoff)

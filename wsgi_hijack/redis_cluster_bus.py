@@ -192,7 +192,7 @@ class RedisClusterBus(ScriptPublishing):
                     gap = True
         except (*_FAILURES, BusUnavailable) as exc:
             log.warning("replay from %s failed: %s", self.url, exc)
-            return Replay([], True, {c: bound.get(c, 0) for c in channels})
+            return Replay([], True, {c: bound.get(c, 0) for c in channels}, failed=True)
         found.sort(key=lambda m: (m.id, m.channel))
         return Replay(found, gap, last)
 

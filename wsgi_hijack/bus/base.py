@@ -78,6 +78,10 @@ class Replay:
     gap: bool = False
     #: The highest id this replay covers: continue after it.
     last_id: int = 0
+    #: True when the history could not be read at all (the bus went away
+    #: mid-read): nothing is known, so the reader sends the client back to
+    #: reconnect from its own position rather than skip ahead.
+    failed: bool = False
 
 
 def check_channel(channel: Any) -> str:

@@ -17,6 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..bus.base import Bus, Event, Live, Message, Replay
+from ..bus.positions import format_position
 from ..connection import Connection
 from ..protocols.base import framed
 from . import fanout
@@ -70,7 +71,10 @@ class Messages:
                     replay = replays.get(key)
                     if replay is None:
                         replay = replays[key] = bus.replay(conn.channels, after, effect.upto)
-                    self._join(conn, replay, after)
+                    if replay.failed:
+                        self._send_back(conn, after)
+                    else:
+                        self._join(conn, replay, after)
             elif kind is Subscribe:
                 bus.subscribe(effect.channel)
             elif kind is Unsubscribe:
@@ -83,7 +87,27 @@ class Messages:
                 self.router.went_live(effect.channel, position)
             elif kind is CatchUp:
                 replay = bus.replay(effect.channels, effect.after) if effect.after else None
+                if replay is not None and replay.failed:
+                    # What was missed cannot be read: rather than go on past it,
+                    # its subscribers reconnect, each from its own position.
+                    for channel in effect.channels:
+                        for group in list(self.router.subscribers.get(channel, {}).values()):
+                            for conn in list(group.values()):
+                                self._send_back(conn, self.router.position(conn))
+                    replay = None
                 self._send_out(self.router.caught_up(replay))
+
+    def _send_back(self, conn: Connection, position: Any) -> None:
+        """``conn``'s history could not be read: its goodbye (a long-poll, its
+        empty answer at ``position``), so that it reconnects from where it is
+        and nothing is skipped."""
+        if conn.fd < 0 or conn.closing:
+            return
+        protocol = conn.protocol
+        if type(position) is dict:
+            position = format_position(position)
+        self._write(conn, protocol.timeout(position) if protocol.one_shot else protocol.goodbye)
+        self._finish(conn)
 
     def _join(self, conn: Connection, replay: Replay, after: Any = None) -> None:
         """Write what ``conn`` missed (after ``after``, its position), then let
