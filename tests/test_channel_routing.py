@@ -4,7 +4,8 @@
 Hypothesis plays a bus whose channels live on different shards: publishes,
 each shard's messages reaching the router in its own order and interleaved
 in any way with the others', subscriptions confirmed late, reconnections
-that lose what was in flight, and clients joining from positions. After it
+(of one shard, or all) that lose what was in flight, and clients joining
+from positions. After it
 all drains, each client has, on each channel, every message after its
 position, once, in order; and its position is each channel's last id.
 """
@@ -34,6 +35,7 @@ from wsgi_hijack.reactor.routing import (
 pytestmark = pytest.mark.unit
 
 CHANNELS = ("a", "b", "c")
+SHARDS = {"a": 0, "b": 1, "c": 0}  # the shard each channel lives on
 
 
 class ClusterModel:
@@ -69,13 +71,15 @@ class ClusterModel:
             self.subscribed.add(channel)
             self.apply(self.router.confirmed(channel))
 
-    def reconnect(self) -> None:
-        """The bus lost its subscriptions: what was in flight is gone."""
-        for channel in self.subscribed:
+    def reconnect(self, shard: int | None = None) -> None:
+        """The bus lost its subscriptions (on one shard, or all): what was
+        in flight there is gone."""
+        lost = {c for c in self.subscribed if shard is None or SHARDS[c] == shard}
+        for channel in lost:
             self.in_flight[channel].clear()
-        self.pending |= self.subscribed
-        self.subscribed = set()
-        self.router.resync()
+        self.pending |= lost
+        self.subscribed -= lost
+        self.router.resync(None if shard is None else tuple(sorted(lost)))
 
     def replay(self, channels, after, upto) -> Replay:
         bound = dict(upto or ())
@@ -108,22 +112,31 @@ class ClusterModel:
                 replay = self.replay(effect.conn.channels, effect.after, effect.upto)
                 shown = self.router.shown(effect.conn, effect.after, replay)
                 self.take(effect.conn, shown.messages)
-                self.router.attach(effect.conn, replay.last_id, effect.after)
+                if effect.conn.protocol.one_shot and shown.messages:
+                    self.apply(self.router.leave(effect.conn))  # answered at once
+                else:
+                    self.router.attach(effect.conn, replay.last_id, effect.after)
             elif kind is CatchUp:
                 replay = self.replay(effect.channels, effect.after, None) if effect.after \
                     else None
-                self.deliver(self.router.caught_up(replay))
+                self.deliver(self.router.caught_up(replay, effect.channels))
 
     def deliver(self, deliveries) -> None:
+        answered = []
         for delivery in deliveries:
             if type(delivery) is FanOut:
                 for _, group in delivery.groups:
-                    for conn in group.values():
+                    for conn in list(group.values()):
                         self.take(conn, [delivery.message])
+                        answered.append(conn)
             else:
                 assert type(delivery) is Gathered
                 for conn, messages in delivery.messages.items():
                     self.take(conn, messages)
+                    answered.append(conn)
+        for conn in answered:  # a long-poll's answer completes it (Reactor._finish)
+            if conn.protocol.one_shot:
+                self.apply(self.router.leave(conn))
 
     def take(self, conn: Connection, messages: list[Message]) -> None:
         for message in messages:
@@ -144,7 +157,7 @@ operations = st.lists(st.one_of(
     st.tuples(st.just("publish"), st.sampled_from(CHANNELS)),
     st.tuples(st.just("dispatch"), st.sampled_from(CHANNELS)),
     st.tuples(st.just("confirm"), st.sampled_from(CHANNELS)),
-    st.tuples(st.just("reconnect")),
+    st.tuples(st.just("reconnect"), st.none() | st.sampled_from([0, 1])),
     st.tuples(st.just("join"), st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=3,
                                         unique=True),
               st.one_of(st.none(), st.integers(0, 12),
@@ -173,7 +186,7 @@ def test_every_client_gets_each_channel_once_in_order(ops):
                 after = {c: min(i, model.clock) for c, i in after.items()}
             model.join(conn, after)
         elif verb == "reconnect":
-            model.reconnect()
+            model.reconnect(op[1])
         else:
             getattr(model, verb)(op[1])
     # Drain: every subscription confirmed, everything in flight routed.

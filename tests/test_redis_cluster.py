@@ -149,6 +149,7 @@ class Publisher:
     def __init__(self, port: int, channels: list[str]) -> None:
         self.port, self.channels = port, channels
         self.accepted: dict[tuple[str, int], str] = {}
+        self.answered_at: dict[tuple[str, int], float] = {}
         self.refused: list[tuple[int, str | None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -167,7 +168,9 @@ class Publisher:
                 self.refused.append((0, None))
                 continue
             if resp.status_code == 202:
-                self.accepted[(channel, resp.json()["id"])] = f"{channel} {n}"
+                key = (channel, resp.json()["id"])
+                self.accepted[key] = f"{channel} {n}"
+                self.answered_at[key] = time.monotonic()
             else:
                 self.refused.append((resp.status_code, resp.headers.get("retry-after")))
             self._stop.wait(0.05)
@@ -207,6 +210,13 @@ def test_a_master_failover_inside_the_cluster_loses_nothing_acknowledged(start_s
         cluster.kill_master(old)
         killed_at = time.monotonic()
         cluster.wait_for_failover(old, timeout=60)
+        # Meanwhile the other shard's channel went on live: what was published
+        # on it during the failover had reached the clients before it ended.
+        during = [i for (ch, i), t in list(publisher.answered_at.items())
+                  if ch == channels[1] and t > killed_at + 0.5]
+        assert during, "nothing published on the healthy shard during the failover"
+        assert all(f"{channels[1]}=".encode() in s.data and
+                   _has(s.data, channels[1], during[0]) for s in streams)
         count = len(publisher.accepted)
         wait_for(lambda: len(publisher.accepted) > count + 10, "publishes after it", 60)
         # A client back with a position from before the failover.
@@ -243,6 +253,12 @@ def test_a_master_failover_inside_the_cluster_loses_nothing_acknowledged(start_s
     want = sorted(k for k in acknowledged if k[1] > marks[k[0]])
     got = _by_channel(sse_events(returning.data))
     assert sorted((ch, i) for ch in channels for i, _ in got[ch]) == want
+
+
+def _has(data: bytes, channel: str, message_id: int) -> bool:
+    """Whether an event of ``data`` is ``channel``'s message ``message_id``."""
+    return any(parse_position(i).get(channel) == message_id and d.startswith(f"{channel} ")
+               for i, d in sse_events(data))
 
 
 def _by_channel(events: list[tuple[str, str]]) -> dict[str, list[tuple[int, str]]]:

@@ -56,3 +56,14 @@ def test_replicas_to_wait_for(monkeypatch):
     assert config.redis_min_replicas(sentinel, {"WSGI_HIJACK_REDIS_MIN_REPLICAS": "0"}) == 0
     with pytest.raises(ValueError, match="int >= 0"):
         config.redis_min_replicas(sentinel, {"WSGI_HIJACK_REDIS_MIN_REPLICAS": "-1"})
+
+
+def test_the_cluster_bus_needs_a_gevent_worker():
+    from gevent import monkey
+
+    from wsgi_hijack.redis_cluster_bus import RedisClusterBus
+
+    assert not monkey.is_module_patched("socket")  # pytest's own process
+    bus = RedisClusterBus("redis+cluster://127.0.0.1:1")  # connects lazily
+    with pytest.raises(RuntimeError, match="needs a gevent worker"):
+        bus.start(lambda item: None)

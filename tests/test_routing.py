@@ -241,6 +241,19 @@ SCENARIOS = {
 }
 
 
+# A long-poll answered from its history leaves while the other joiner of the
+# same new channel is still reading its own: the channel stays subscribed.
+SCENARIOS["a long-poll answered at once keeps the channel for the next reader"] = (True, 0, [
+    (("join", "p", 0, ("c",), POLL), [("subscribe", "c")]),
+    (("join", "s", 0), []),
+    (("live", "c"), [("position", "c"), ("read", "p", 0, None), ("read", "s", 0, None)]),
+    (("leave", "p"), []),  # answered: it completes
+    (("attach", "s", 1), None),
+    (("route", [2]), [("gathered", {"s": [2]})]),
+    (("leave", "s"), [("unsubscribe", "c")]),
+])
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_routing_transitions(name):
     confirms, delivered, steps = SCENARIOS[name]

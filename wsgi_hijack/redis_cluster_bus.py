@@ -18,9 +18,10 @@ How it differs from :mod:`wsgi_hijack.redis_bus` (one server or Sentinel):
   shard, not to every node as plain ``PUBLISH`` does.
 - **a subscription per shard**: one listener (greenlet) per node that owns
   channels wanted here. When one loses its node (a failover), the bus tells
-  the reactor (:class:`~wsgi_hijack.bus.Resync`), reads the cluster's slot
-  map again, and subscribes every wanted channel again where it now lives;
-  the reactor replays what was missed, channel by channel.
+  the reactor which channels lost their subscription (a
+  :class:`~wsgi_hijack.bus.Resync` naming them: the other shards' channels
+  go on live), reads the cluster's slot map again, and subscribes those
+  channels where they now live; the reactor replays what they missed.
 
 The rest is as on one server: ``WAIT`` for ``WSGI_HIJACK_REDIS_MIN_REPLICAS``
 replicas (default 1 on a cluster) on the same connection as the publish, and
@@ -32,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import gevent
@@ -111,8 +112,6 @@ class RedisClusterBus(ScriptPublishing):
         # node -> pause before subscribing there again after a loss (0.1 s,
         # doubling to 5 s, forgotten once the node confirms a subscription)
         self._backoff: dict[tuple[str, int], float] = {}
-        self._spawn: Callable[..., Any] = gevent.spawn
-        self._sleep: Callable[[float], None] = gevent.sleep
 
     @property
     def _client(self) -> Any:
@@ -202,18 +201,13 @@ class RedisClusterBus(ScriptPublishing):
         return self._counters.snapshot()
 
     def start(self, dispatch: Dispatch) -> None:
-        self._dispatch = dispatch
         if not monkey.is_module_patched("socket"):
-            # Without monkeypatching redis-py blocks: each shard's listener
-            # runs in an OS thread of its own.
-            thread_class = monkey.get_original("threading", "Thread")
-
-            def spawn(fn: Callable[..., Any], *args: Any) -> Any:
-                thread = thread_class(target=fn, args=args, daemon=True)
-                thread.start()
-                return thread
-
-            self._spawn, self._sleep = spawn, time.sleep
+            # Each shard's listener and the reactor share the map of shards;
+            # as greenlets of one thread they take turns, as OS threads they
+            # would not. The gevent workers patch; the thread servers do not.
+            raise RuntimeError("the Redis Cluster bus needs a gevent worker (gunicorn -k "
+                               "gevent, or gevent.pywsgi): this process is not monkeypatched")
+        self._dispatch = dispatch
         for channel in list(self._wanted):
             self.subscribe(channel)
 
@@ -223,15 +217,15 @@ class RedisClusterBus(ScriptPublishing):
             return  # start() subscribes it
         try:
             address = self._address(channel)
-        except _FAILURES as exc:  # the cluster is unreachable: the next recovery places it
-            log.warning("no shard for %r now (%s); it is subscribed on recovery", channel, exc)
-            self._spawn(self._recover, None)
+        except _FAILURES as exc:  # the cluster is unreachable: placed once it is back
+            log.warning("no shard for %r now (%s); it is subscribed when there is", channel, exc)
+            gevent.spawn(self._recover, None, {channel})
             return
         shard = self._shards.get(address)
         if shard is None:
             shard = self._shards[address] = _Shard(address)
             shard.channels.add(channel)
-            shard.runner = self._spawn(self._listen, shard)
+            shard.runner = gevent.spawn(self._listen, shard)
             return
         shard.channels.add(channel)
         self._send(shard, "ssubscribe", channel)
@@ -292,8 +286,8 @@ class RedisClusterBus(ScriptPublishing):
             self._backoff[shard.address] = min(pause * 2, 5.0)
             log.warning("Redis Cluster: lost the subscription to %s:%d (%s); again in "
                         "%.1f s", host, port, exc, pause)
-            self._sleep(pause)
-            self._recover(shard)
+            gevent.sleep(pause)
+            self._recover(shard, set(shard.channels))
         finally:
             shard.pubsub = None
             try:
@@ -301,35 +295,31 @@ class RedisClusterBus(ScriptPublishing):
             except Exception:
                 pass
 
-    def _recover(self, lost: _Shard | None) -> None:
-        """A shard's connection is gone: tell the reactor, find where each
-        wanted channel lives now, and subscribe everything again there."""
-        if lost is not None and self._shards.get(lost.address) is lost:
-            del self._shards[lost.address]
-        self._deliver(Resync())
+    def _recover(self, lost: _Shard | None, channels: set[str]) -> None:
+        """``channels`` have no subscription (their shard's connection is
+        gone, or their shard could not be found): tell the reactor, which
+        holds their live messages back while the other channels go on, find
+        where each lives now, and subscribe it there."""
+        if lost is not None:
+            if self._shards.get(lost.address) is lost:
+                del self._shards[lost.address]
+            self._deliver(Resync(tuple(sorted(channels))))
         backoff = 0.1
         while self._dispatch is not None:
             try:
                 self._client.nodes_manager.initialize()
-                placed = {c: self._address(c) for c in self._wanted}
+                placed = {c: self._address(c) for c in channels if c in self._wanted}
                 break
             except _FAILURES as exc:
                 log.warning("Redis Cluster unreachable (%s); again in %.1f s", exc, backoff)
-                self._sleep(backoff)
+                gevent.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         else:
             return
-        for shard in list(self._shards.values()):
-            for channel in [c for c in shard.channels if placed.get(c) != shard.address]:
-                shard.channels.discard(channel)
-        for channel, address in placed.items():
-            shard = self._shards.get(address)
-            if shard is not None and channel in shard.channels:
-                self._send(shard, "ssubscribe", channel)  # confirmed again: a Live each
-            else:
-                self.subscribe(channel)
+        for channel in placed:
+            self.subscribe(channel)
         log.warning("Redis Cluster: %d channels subscribed again on %s", len(placed),
-                    ", ".join(f"{h}:{p}" for h, p in sorted(self._shards)))
+                    ", ".join(sorted({f"{h}:{p}" for h, p in placed.values()})))
 
     def _deliver(self, item: Message | Live | Resync) -> None:
         dispatch = self._dispatch

@@ -129,7 +129,11 @@ class Live:
 @dataclass(frozen=True, slots=True)
 class Resync:
     """The bus reconnected: it subscribes every channel again (a :class:`Live`
-    each follows), and messages published meanwhile are only in the history."""
+    each follows), and messages published meanwhile are only in the history.
+    ``channels``: only these lost their subscription (one shard of a
+    cluster); None: all of them."""
+
+    channels: tuple[str, ...] | None = None
 
 
 Event = Live | Resync

@@ -32,7 +32,6 @@ from .routing import (
     FanOut,
     Gathered,
     GroupKey,
-    ReadHistory,
     Router,
     group_key,
 )
@@ -48,6 +47,9 @@ class PerChannelRouter(Router):
         super().__init__(confirms)
         self.delivered: dict[str, int] = {}
         self._has: dict[Connection, dict[str, int]] = {}
+        # channel -> its live messages held back while its subscription is
+        # confirmed again (after a reconnection); the others route on
+        self._held: dict[str, list[Message]] = {}
 
     # -- connections --------------------------------------------------------------
 
@@ -56,10 +58,11 @@ class PerChannelRouter(Router):
         if not self._ready(conn, after):
             return effects
         upto = tuple((c, self.delivered[c]) for c in conn.channels if c in self.delivered)
-        effects.append(ReadHistory(conn, after, upto))
+        effects.append(self._read(conn, after, upto))
         return effects
 
     def attach(self, conn: Connection, read_upto: Any, after: Any = None) -> None:
+        self._reading.discard(conn)
         delivered = self.delivered
         has = dict(read_upto)
         for channel in conn.channels:
@@ -114,8 +117,30 @@ class PerChannelRouter(Router):
 
     # -- the bus's events -------------------------------------------------------------
 
-    def _catch_up(self) -> CatchUp:
-        return CatchUp(tuple(self.subscribers), tuple(self.delivered.items()) or None)
+    def _confirmed(self, channel: str, live: bool) -> list[Effect]:
+        """As :meth:`.Router.confirmed`, one channel at a time: a channel whose
+        subscription came back is caught up on its own, while the others go
+        on live."""
+        effects: list[Effect] = []
+        if live and channel in self._held:
+            mark = self.delivered.get(channel)
+            effects.append(CatchUp((channel,), None if mark is None else ((channel, mark),)))
+        channels = self._channels
+        ready = [conn for conn in self._waiting
+                 if all(channels.get(c) == 0 and (c not in self._held or c == channel)
+                        for c in conn.channels)]
+        for conn in ready:  # (after the catch-up above: effects run in order)
+            effects.append(self._read(conn, self._waiting.pop(conn), None))
+        return effects
+
+    def resync(self, channels: tuple[str, ...] | None = None) -> None:
+        """``channels`` (None: all) lost their subscription: each awaits its
+        confirmation again, its live messages held back until then."""
+        for channel in self._channels if channels is None else channels:
+            if channel in self._channels:
+                self._stale.pop(channel, None)
+                self._channels[channel] = 1
+                self._held.setdefault(channel, [])
 
     def went_live(self, channel: str, position: int | None) -> None:
         # The first time only: a confirmation after a reconnection must not
@@ -129,10 +154,19 @@ class PerChannelRouter(Router):
         released = super()._release(channel)
         if released:  # subscribed again later, it starts from where the bus is then
             self.delivered.pop(channel, None)
+            self._held.pop(channel, None)
         return released
 
-    def caught_up(self, replay: Replay | None) -> list[Delivery]:
-        held, self._held_back = self._held_back or [], None
+    def _ready(self, conn: Connection, after: Any) -> bool:
+        if all(self._channels[c] == 0 and c not in self._held for c in conn.channels):
+            return True
+        self._waiting[conn] = after
+        return False
+
+    def caught_up(self, replay: Replay | None,
+                  channels: tuple[str, ...] | None = None) -> list[Delivery]:
+        held = [m for c in (tuple(self._held) if channels is None else channels)
+                for m in self._held.pop(c, ())]
         if replay is None:
             return self.route(held)
         upto = dict(replay.last_id)
@@ -149,10 +183,16 @@ class PerChannelRouter(Router):
 
     def route(self, batch: list[Message]) -> list[Delivery]:
         """Messages from the bus, each channel's in its id order."""
+        if self._held:
+            live = []
+            for message in batch:
+                held = self._held.get(message.channel)
+                if held is None:
+                    live.append(message)
+                else:
+                    held.append(message)
+            batch = live
         if not batch:
-            return []
-        if self._held_back is not None:
-            self._held_back.extend(batch)
             return []
         delivered, has = self.delivered, self._has
         deliveries: list[Delivery] = []

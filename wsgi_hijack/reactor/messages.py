@@ -95,7 +95,7 @@ class Messages:
                             for conn in list(group.values()):
                                 self._send_back(conn, self.router.position(conn))
                     replay = None
-                self._send_out(self.router.caught_up(replay))
+                self._send_out(self.router.caught_up(replay, effect.channels))
 
     def _send_back(self, conn: Connection, position: Any) -> None:
         """``conn``'s history could not be read: its goodbye (a long-poll, its
@@ -151,7 +151,7 @@ class Messages:
             if type(item) is Live:
                 self._apply(self.router.confirmed(item.channel))
             else:
-                self.router.resync()
+                self.router.resync(item.channels)
         self._send_out(self.router.route(batch))
 
     def _send_out(self, deliveries: list[Delivery]) -> None:

@@ -141,6 +141,8 @@ class Router:
         self._held_back: list[Message] | None = None
         # connections waiting for their channels to be live -> their last id
         self._waiting: dict[Connection, int | None] = {}
+        # connections reading their history, attached next
+        self._reading: set[Connection] = set()
         # connection -> id up to which its history read covered live messages
         self._skip: dict[Connection, int] = {}
         # channel -> the bus's last id when its subscription went live
@@ -157,7 +159,7 @@ class Router:
         if self._live_from:
             upto = max(upto, *(self._live_from.get(c, 0) for c in conn.channels))
         # (0: nothing delivered yet and the bus's position unknown: read it all.)
-        effects.append(ReadHistory(conn, after, upto or None))
+        effects.append(self._read(conn, after, upto or None))
         return effects
 
     def _subscribe(self, conn: Connection) -> list[Effect]:
@@ -177,9 +179,17 @@ class Router:
         self._waiting[conn] = after
         return False
 
+    def _read(self, conn: Connection, after: Any, upto: Any) -> ReadHistory:
+        """``conn`` reads its history and is attached next: until then it
+        still holds its channels (a long-poll answered from its own history
+        just before must not release them)."""
+        self._reading.add(conn)
+        return ReadHistory(conn, after, upto)
+
     def attach(self, conn: Connection, read_upto: int, after: Any = None) -> None:
         """``conn`` has its history up to ``read_upto``, and had everything up
         to ``after`` before it came: route it what follows."""
+        self._reading.discard(conn)
         has = read_upto if after is None else max(read_upto, after)
         if has > self.delivered_upto:
             # The read (or the client, served by a faster worker before it
@@ -202,6 +212,7 @@ class Router:
     def leave(self, conn: Connection) -> list[Effect]:
         """``conn`` takes no more messages (complete, or gone)."""
         self._waiting.pop(conn, None)
+        self._reading.discard(conn)
         self._skip.pop(conn, None)
         key = self.group_key(conn)
         effects: list[Effect] = []
@@ -224,7 +235,7 @@ class Router:
         subscribed at the bus."""
         if channel in self.subscribers or channel not in self._channels:
             return False
-        if any(channel in conn.channels for conn in self._waiting):
+        if any(channel in conn.channels for conn in (*self._waiting, *self._reading)):
             return False
         awaited = self._channels.pop(channel)
         if awaited:
@@ -254,40 +265,48 @@ class Router:
 
     def confirmed(self, channel: str) -> list[Effect]:
         """The bus confirmed a subscription to ``channel`` (a Live event)."""
+        awaited = self._confirm(channel)
+        if not awaited:
+            return []
+        effects: list[Effect] = [RecordPosition(channel)] if awaited == 1 else []
+        return effects + self._confirmed(channel, awaited == 1)
+
+    def _confirmed(self, channel: str, live: bool) -> list[Effect]:
+        """What follows a counted confirmation (``live``: the channel's last awaited)."""
+        effects: list[Effect] = []
+        if any(self._channels.values()):
+            return effects
+        if self._held_back is not None:
+            effects.append(CatchUp(tuple(self.subscribers), self.delivered_upto or None))
+        ready = [conn for conn in self._waiting
+                 if all(self._channels.get(c) == 0 for c in conn.channels)]
+        for conn in ready:
+            # Read everything stored so far: messages published before the
+            # subscription was live are only there.
+            effects.append(self._read(conn, self._waiting.pop(conn), None))
+        return effects
+
+    def _confirm(self, channel: str) -> int:
+        """Count a confirmation of ``channel``; returns how many were awaited
+        before it (0: none, it is for a subscription released since)."""
         stale = self._stale.get(channel, 0)
         if stale:  # for a subscription released since: not this one
             if stale == 1:
                 del self._stale[channel]
             else:
                 self._stale[channel] = stale - 1
-            return []
+            return 0
         awaited = self._channels.get(channel)
         if not awaited:
-            return []
+            return 0
         self._channels[channel] = awaited - 1
-        effects: list[Effect] = []
-        if awaited == 1:
-            effects.append(RecordPosition(channel))
-        if any(self._channels.values()):
-            return effects
-        if self._held_back is not None:
-            effects.append(self._catch_up())
-        ready = [conn for conn in self._waiting
-                 if all(self._channels.get(c) == 0 for c in conn.channels)]
-        for conn in ready:
-            # Read everything stored so far: messages published before the
-            # subscription was live are only there.
-            effects.append(ReadHistory(conn, self._waiting.pop(conn), None))
-        return effects
-
-    def _catch_up(self) -> CatchUp:
-        return CatchUp(tuple(self.subscribers), self.delivered_upto or None)
+        return awaited
 
     def went_live(self, channel: str, position: int | None) -> None:
         """The bus's last id when ``channel`` went live (None: unknown)."""
         self._live_from[channel] = UNKNOWN_POSITION if position is None else position
 
-    def resync(self) -> None:
+    def resync(self, channels: tuple[str, ...] | None = None) -> None:
         """The bus reconnected (a Resync event): every channel awaits a new
         confirmation, and live messages are held back until then."""
         self._stale.clear()
@@ -296,7 +315,8 @@ class Router:
         if self._channels and self._held_back is None:
             self._held_back = []
 
-    def caught_up(self, replay: Replay | None) -> list[Delivery]:
+    def caught_up(self, replay: Replay | None,
+                  channels: tuple[str, ...] | None = None) -> list[Delivery]:
         """The history read of a :class:`CatchUp` (None when there was nothing
         to read after): route what was missed, then the held-back messages."""
         held, self._held_back = self._held_back or [], None
