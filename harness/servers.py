@@ -83,10 +83,18 @@ def port_open(server: Server) -> bool:
 
 def answers_http(server: Server) -> bool:
     """Ready when a request gets a status line: a worker, not just the
-    master's listening socket, is there. What it answers does not matter."""
+    master's listening socket, is there. What it answers does not matter.
+    The answer is read to its end (HTTP/1.0: the server closes), so that the
+    worker's fd for it is closed before anyone counts the worker's fds; an
+    app that streams on any path is ready too, once a second has passed."""
     with wire.connect(server.port, b"GET /wsgi-hijack-ready HTTP/1.0\r\n\r\n",
                       timeout=5) as s:
-        return wire.read_until(s, b"\r\n").startswith(b"HTTP/")
+        answered = wire.read_until(s, b"\r\n").startswith(b"HTTP/")
+        try:
+            wire.recv_until_closed(s, timeout=1.0)
+        except TimeoutError:
+            pass
+        return answered
 
 
 def workers_ready(count: int = 1) -> Callable[[Server], bool]:
