@@ -80,3 +80,15 @@ def test_every_mode_measured_and_every_message_delivered(tmp_path):
     assert (out / "redis_ha.png").read_bytes().startswith(PNG_MAGIC)
     assert sorted(p.name for p in (out / "logs").iterdir()) == [
         "run1-single-gunicorn.log", "run2-sentinel-gunicorn.log", "run3-cluster-gunicorn.log"]
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_the_id_floor_is_measured_against_the_counter_alone(tmp_path):
+    proc = run_benchmark("id_floor.py", "--publishes", "400", "--out", str(tmp_path),
+                         timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "id_floor.json").read_text())
+    assert set(doc["rows"]) == {"clock floor", "counter alone"}
+    assert all(r["publishes"] == 400 and r["p50_us"] > 0 for r in doc["rows"].values())
+    assert "x the counter alone" in (tmp_path / "id_floor.md").read_text()

@@ -241,6 +241,18 @@ SCENARIOS = {
 }
 
 
+# A message queued behind the confirmation that started a catch-up, and read
+# by the catch-up's history read, is not routed a second time when its turn comes.
+SCENARIOS["a message the catch-up read is not routed again from the queue"] = (True, 0, [
+    *A_IS_LIVE,
+    (("route", [1]), [("fan_out", 1, ["a"])]),
+    (("resync",), None),
+    (("live", "c"), [("position", "c"), ("catch_up", ("c",), 1)]),
+    (("caught_up", [2, 3], 3), [("gathered", {"a": [2, 3]})]),
+    (("route", [3]), []),  # it was on its way while the history was read
+    (("route", [4]), [("fan_out", 4, ["a"])]),
+])
+
 # A long-poll answered from its history leaves while the other joiner of the
 # same new channel is still reading its own: the channel stays subscribed.
 SCENARIOS["a long-poll answered at once keeps the channel for the next reader"] = (True, 0, [

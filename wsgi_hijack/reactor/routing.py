@@ -336,6 +336,12 @@ class Router:
         if self._held_back is not None:
             self._held_back.extend(batch)
             return []
+        if batch[0].id <= self.delivered_upto:
+            # A catch-up's history read ran while these were on their way
+            # (queued behind the confirmation that started it): it had them.
+            batch = [m for m in batch if m.id > self.delivered_upto]
+            if not batch:
+                return []
         skip = self._skip
         if len(batch) == 1 and not skip:
             # The common case: one message, one frame per group, written to
