@@ -9,6 +9,7 @@ a :class:`harness.servers.Server`.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import httpx
@@ -76,3 +77,61 @@ def wait_for(condition, what: str, timeout: float = 10):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+class Publisher:
+    """``POST /publish`` on each of ``channels`` in turn, 20 times a second
+    once started (``"<channel> <n>"`` each), keeping every answer: what was
+    accepted and when, what was refused (status, ``Retry-After``), and what
+    hung past ``TIMEOUT``."""
+
+    TIMEOUT = 15.0
+
+    def __init__(self, port: int, channels: list[str]) -> None:
+        self.port, self.channels = port, channels
+        self.accepted: dict[tuple[str, int], str] = {}
+        self.answered_at: dict[tuple[str, int], float] = {}
+        self.refused: list[tuple[int, str | None]] = []
+        self.hung: list[str] = []
+        self.slowest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Publisher:
+        self._thread.start()
+        return self
+
+    def publish(self, channel: str, data: str) -> int | None:
+        """One publish; its id if accepted."""
+        started = time.monotonic()
+        try:
+            resp = httpx.post(f"http://{wire.HOST}:{self.port}/publish",
+                              params={"channel": channel}, content=data, timeout=self.TIMEOUT)
+        except httpx.TimeoutException as exc:
+            self.hung.append(f"{data}: {exc!r}")
+            return None
+        self.slowest = max(self.slowest, time.monotonic() - started)
+        if resp.status_code != 202:
+            self.refused.append((resp.status_code, resp.headers.get("retry-after")))
+            return None
+        key = (channel, resp.json()["id"])
+        self.accepted[key] = data
+        self.answered_at[key] = time.monotonic()
+        return key[1]
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            channel = self.channels[n % len(self.channels)]
+            n += 1
+            self.publish(channel, f"{channel} {n}")
+            self._stop.wait(0.05)
+
+    def acknowledged_after(self, when: float) -> list[tuple[str, int]]:
+        return [key for key, t in list(self.answered_at.items()) if t > when]
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+

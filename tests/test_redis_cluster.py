@@ -5,7 +5,6 @@ and WebSocket, sharded pub/sub, and a master failover inside the cluster."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from urllib.parse import quote
 
@@ -14,7 +13,7 @@ import pytest
 from websockets.sync.client import connect
 
 from harness import wire
-from harness.clients import wait_for, wait_total_held
+from harness.clients import Publisher, wait_for, wait_total_held
 from harness.recorder import Recorder
 from harness.redis_topology import ClusterSet, command
 from harness.servers import free_port
@@ -143,43 +142,6 @@ def test_replay_is_exact_across_shards_for_every_protocol(start_server, cluster)
     assert spublished == expected
 
 
-class Publisher:
-    """``POST /publish`` on each channel in turn, 20 a second; keeps what was accepted."""
-
-    def __init__(self, port: int, channels: list[str]) -> None:
-        self.port, self.channels = port, channels
-        self.accepted: dict[tuple[str, int], str] = {}
-        self.answered_at: dict[tuple[str, int], float] = {}
-        self.refused: list[tuple[int, str | None]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            channel = self.channels[n % len(self.channels)]
-            n += 1
-            try:
-                resp = httpx.post(f"http://{wire.HOST}:{self.port}/publish",
-                                  params={"channel": channel}, content=f"{channel} {n}",
-                                  timeout=15)
-            except httpx.TimeoutException:
-                self.refused.append((0, None))
-                continue
-            if resp.status_code == 202:
-                key = (channel, resp.json()["id"])
-                self.accepted[key] = f"{channel} {n}"
-                self.answered_at[key] = time.monotonic()
-            else:
-                self.refused.append((resp.status_code, resp.headers.get("retry-after")))
-            self._stop.wait(0.05)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
 @pytest.fixture
 def cluster_of_three(tmp_path):
     """Two replicas a master: after a failover its shard still has one, so
@@ -204,7 +166,7 @@ def test_a_master_failover_inside_the_cluster_loses_nothing_acknowledged(start_s
         for stream in streams:
             recorder.wait_for(stream, b"retry: 2000\n\n", 30)
         wait_total_held(server, 2, len(streams), timeout=30)
-        publisher = Publisher(server.port, channels)
+        publisher = Publisher(server.port, channels).start()
         wait_for(lambda: len(publisher.accepted) > 10, "publishes before the failover", 30)
         old = cluster.master_for_key(f"wsgi_hijack:{{{channels[0]}}}:c")
         cluster.kill_master(old)
@@ -236,6 +198,7 @@ def test_a_master_failover_inside_the_cluster_loses_nothing_acknowledged(start_s
 
     assert [s.name for s in streams if s.closed_at] == []
     assert min(beats_after) > 0
+    assert publisher.hung == []
     assert all(status == 503 and retry for status, retry in publisher.refused), \
         publisher.refused
     acknowledged = {**publisher.accepted, **{(ch, i): f"{ch} last" for ch, i in last.items()}}
