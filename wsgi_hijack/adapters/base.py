@@ -13,9 +13,27 @@ server whose socket object we cannot empty lets go of the connection).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
+
+log = logging.getLogger("wsgi_hijack")
+
+#: The environ key where an adapter that recognised the server, but cannot
+#: take this connection, says why (read by the 501 answers of the stream
+#: helpers, so that the client learns the fix, not only the log).
+WHY_NOT = "wsgi_hijack.why_not"
+_said: set[str] = set()
+
+
+def decline(environ: dict, reason: str) -> None:
+    """Record why this request cannot be hijacked on this server; logged once
+    per reason and process. Returns None, what ``detect`` returns then."""
+    environ[WHY_NOT] = reason
+    if reason not in _said:
+        _said.add(reason)
+        log.warning("wsgi_hijack: connections cannot be hijacked here: %s", reason)
 
 
 class ServerConnection:
