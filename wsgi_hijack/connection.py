@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .protocols.base import Protocol
+    from .tls import TLSSession
 
 
 class State(IntEnum):
@@ -39,13 +40,14 @@ class State(IntEnum):
 
 class Connection:
     __slots__ = ("fd", "protocol", "outbuf", "channels", "state", "ip", "beat", "request",
-                 "__weakref__")
+                 "tls", "__weakref__")
 
     def __init__(self, fd: int, protocol: Protocol) -> None:
         #: The client's socket fd, owned by the reactor; -1 once closed.
         self.fd = fd
         self.protocol = protocol
-        #: Bytes the kernel would not take yet (b"" when none).
+        #: Bytes the kernel would not take yet (b"" when none); on a TLS
+        #: connection, records already encrypted.
         self.outbuf = b""
         #: Channels it is subscribed to (set by the reactor when stored).
         self.channels: tuple[str, ...] = ()
@@ -57,6 +59,9 @@ class Connection:
         #: ``METHOD /target HTTP/x.y`` of the request it was hijacked for
         #: (None when held directly, not through the middleware).
         self.request: str | None = None
+        #: Its TLS state when the client speaks TLS (every write is encrypted
+        #: for it, :mod:`wsgi_hijack.tls`); None for clear text.
+        self.tls: TLSSession | None = None
 
     @property
     def closing(self) -> bool:

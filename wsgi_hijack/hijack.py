@@ -94,7 +94,15 @@ class HijackedSocket:
 
     def take_pending(self) -> bytes:
         data, self._pending = self._pending, b""
-        return data
+        inner = getattr(self._sock, "take_pending", None)  # a TLS socket's decrypted bytes
+        return data + inner() if inner is not None else data
+
+    @property
+    def tls(self) -> Any:
+        """The connection's :class:`~wsgi_hijack.tls.TLSSession` when the
+        client speaks TLS (then :meth:`recv` and ``sendall`` encrypt, and
+        the reactor takes the session with the fd); None for clear text."""
+        return getattr(self._sock, "tls", None)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self._pending:

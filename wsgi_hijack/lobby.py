@@ -23,6 +23,13 @@ accepted it. What can end a wait:
 - the client half-closes with a partial head: ``400`` and close (the rest
   can never come); with nothing sent, or a reset: close.
 
+On a TLS listener (``tls=True``) the lobby waits for the client's first
+TLS record (its hello) instead, and answers nothing: it cannot speak TLS,
+and clear text on a TLS connection is what must never happen. A deadline
+or a half-close then ends the wait with a close. A client that sends a
+clear-text HTTP request to the TLS port gets a ``400`` in clear text saying
+so, as nginx answers it: that client speaks clear text itself.
+
 Accepting is bounded by the worker's fd budget (``room``): the lobby takes
 a connection only while one more fd fits, so it never meets ``EMFILE``,
 and the others wait in the kernel's listen queue until a slot frees. If
@@ -85,6 +92,30 @@ def head_state(data: bytes, limit: int = MAX_HEAD) -> str:
     return "too_large" if len(data) >= limit else "partial"
 
 
+#: TLS record type of a handshake message (RFC 8446, section 5.1).
+_TLS_HANDSHAKE = 0x16
+#: The largest TLS record a client may send: 2^14 bytes of plain text plus
+#: the largest expansion (RFC 8446, section 5.2).
+_TLS_MAX_RECORD = (1 << 14) + 2048
+_HTTP_METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def hello_state(data: bytes) -> str:
+    """For a TLS listener: ``"complete"`` once the client's first TLS record
+    is in (its handshake can start without waiting), ``"partial"`` before;
+    ``"plain_http"`` for a clear-text request, ``"not_tls"`` for anything else."""
+    if not data:
+        return "partial"
+    if data[0] != _TLS_HANDSHAKE:
+        return "plain_http" if data[0] in _HTTP_METHOD_START else "not_tls"
+    if len(data) < 5:
+        return "partial"
+    length = int.from_bytes(data[3:5], "big")
+    if length > _TLS_MAX_RECORD:
+        return "not_tls"
+    return "complete" if len(data) >= 5 + length else "partial"
+
+
 def answer(status: str, reason: str) -> bytes:
     """A small ``Connection: close`` response for a connection that never reached the app."""
     body = (reason + "\n").encode()
@@ -99,6 +130,7 @@ _TOO_LARGE = answer("431 Request Header Fields Too Large",
 _HALF_CLOSED = answer("400 Bad Request", "the client closed its side before the request "
                       "head was complete")
 _RESTARTING = answer("503 Service Unavailable", "the server is restarting; retry")
+_PLAIN_ON_TLS = answer("400 Bad Request", "this port speaks TLS: use https://")
 
 
 class PauseWarning:
@@ -133,7 +165,7 @@ class Lobby:
     def __init__(self, listeners: Sequence[Any], handoff: Callable[[Any, Any], bool],
                  head_timeout: float, room: Callable[[], int],
                  socket_class: Callable[..., Any] = _stdsocket,
-                 max_accept: int = 1024) -> None:
+                 max_accept: int = 1024, tls: bool = False) -> None:
         if head_timeout <= 0:
             raise ValueError(f"head_timeout must be positive, got {head_timeout!r}")
         self.head_timeout = head_timeout
@@ -142,6 +174,8 @@ class Lobby:
         self._room = room
         self._socket_class = socket_class
         self._max_accept = max(1, max_accept)
+        #: A TLS listener: wait for the hello, never answer in clear text.
+        self.tls = tls
         # fd -> (deadline, listener index): the connections waiting for their
         # head. One tuple is shared by every connection of one accept batch,
         # so a parked connection costs its dict slot.
@@ -158,7 +192,7 @@ class Lobby:
         self._running = False
         self._warn_paused = PauseWarning()
         self.stats = {"accepted": 0, "handed_over": 0, "timed_out": 0, "too_large": 0,
-                      "half_closed": 0, "gone": 0, "accept_paused": 0}
+                      "half_closed": 0, "gone": 0, "accept_paused": 0, "not_tls": 0}
 
     # -- starting and stopping ---------------------------------------------------
 
@@ -312,7 +346,7 @@ class Lobby:
             return
         if data is None:
             return
-        state = head_state(data)
+        state = hello_state(data) if self.tls else head_state(data)
         if state == "complete":
             _, index = self._unpark(fd)
             self._ready.append((fd, index))
@@ -320,9 +354,12 @@ class Lobby:
         elif state == "too_large":
             self.stats["too_large"] += 1
             self._close(fd, _TOO_LARGE)
+        elif state == "plain_http" or state == "not_tls":
+            self.stats["not_tls"] += 1
+            self._close(fd, _PLAIN_ON_TLS if state == "plain_http" else b"")
         elif mask & (_EPOLLRDHUP | _EPOLLHUP):
             self.stats["half_closed"] += 1
-            self._close(fd, _HALF_CLOSED)
+            self._close(fd, b"" if self.tls else _HALF_CLOSED)
 
     def _hand_over_ready(self) -> None:
         ready = self._ready
@@ -349,7 +386,7 @@ class Lobby:
                 entry = self._parked.get(fd)
                 if entry is not None and entry[0] == deadline:
                     self.stats["timed_out"] += 1
-                    self._close(fd, TIMEOUT_RESPONSE)
+                    self._close(fd, b"" if self.tls else TIMEOUT_RESPONSE)
 
     # -- leaving the lobby -------------------------------------------------------
 
@@ -381,7 +418,7 @@ class Lobby:
 
     def _refuse_at_stop(self, fd: int) -> None:
         sent = _peek(fd)
-        self._close(fd, _RESTARTING if sent else b"")
+        self._close(fd, _RESTARTING if sent and not self.tls else b"")
 
 
 def _peek(fd: int) -> bytes | None:

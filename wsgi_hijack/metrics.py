@@ -122,7 +122,7 @@ class ReactorMetrics:
 class LobbyMetrics:
     """The lobby's counts, turned into metrics as deltas (like the reactor's)."""
 
-    RESULTS = ("handed_over", "timed_out", "too_large", "half_closed", "gone")
+    RESULTS = ("handed_over", "timed_out", "too_large", "half_closed", "gone", "not_tls")
 
     def __init__(self) -> None:
         global _instruments

@@ -16,17 +16,32 @@ middleware is the outermost app), we mark it as sent and closing: gunicorn
 then writes nothing, logs the request in its access log, and ends the loop by
 itself. Otherwise we raise ``StopIteration``, which gunicorn's ``handle``
 treats as "close this connection" and logs at debug level only.
+
+Under TLS, our worker (:mod:`wsgi_hijack.workers.ggevent`) reads requests
+through a :class:`~wsgi_hijack.tls.TLSSocket`: the fd and its TLS state
+leave together, and the reactor encrypts for it. gunicorn's own gevent
+worker wraps the connection in gevent's ``SSLSocket`` instead, whose TLS
+state cannot leave its socket object: the fd alone would carry clear text
+on a connection the client believes encrypted, so those are declined (the
+stream helpers answer ``501`` with the reason, through the server's TLS).
 """
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import gevent.socket
+import gevent.ssl
 
+from ..tls import TLSSocket
 from ..workers import checks
+from .base import decline
 from .gunicorn_common import GunicornConnection, take_read_ahead
+
+_TLS_ELSEWHERE = ("this is a TLS connection on gunicorn's own gevent worker, whose TLS state "
+                  "cannot leave its socket: run gunicorn with -c python:wsgi_hijack.gunicorn_conf "
+                  "(or -k wsgi_hijack.workers.ggevent.GeventWorker), which holds TLS streams, or "
+                  "terminate TLS at a proxy in front (docs/tls.rst)")
 
 
 class GunicornGeventConnection(GunicornConnection):
@@ -37,10 +52,18 @@ class GunicornGeventConnection(GunicornConnection):
     @classmethod
     def owns(cls, sock: Any) -> bool:
         # gunicorn's sync and gthread workers hand plain sockets: see gunicorn_threads.
-        return isinstance(sock, gevent.socket.socket)
+        return isinstance(sock, (gevent.socket.socket, TLSSocket))
 
-    def take(self) -> tuple[socket.socket, bytes]:
+    @classmethod
+    def detect(cls, environ: dict, start_response: Any) -> GunicornGeventConnection | None:
+        if isinstance(environ.get("gunicorn.socket"), gevent.ssl.SSLSocket):
+            return decline(environ, _TLS_ELSEWHERE)
+        return super().detect(environ, start_response)  # type: ignore[return-value]
+
+    def take(self) -> tuple[Any, bytes]:
         checks.stock_gevent_worker()  # says once if this is gunicorn's own worker class
         pending = take_read_ahead(self.environ)
+        if isinstance(self.sock, TLSSocket):  # the fd and its TLS state, together
+            return self.sock.take(), pending
         fd = self.sock.detach()
         return gevent.socket.socket(fileno=fd), pending

@@ -5,7 +5,8 @@ jobs are in modules of their own: the loop and its timed jobs
 (:mod:`.loop`, :mod:`.timers`), published messages on their way
 (:mod:`.messages`) and who gets which (:mod:`.routing`), heartbeats
 (:mod:`.heartbeats`), the fan-out loop and its threads (:mod:`.fanout`),
-entry from other threads (:mod:`.entry`), counting what is held
+entry from other threads (:mod:`.entry`), every syscall on a client fd
+(:mod:`.wire`), counting what is held
 (:mod:`.occupancy`), the counts (:mod:`.stats`), and the process's reactor
 (:mod:`.process`).
 
@@ -24,7 +25,9 @@ entry from other threads (:mod:`.entry`), counting what is held
    is armed for ``EPOLLOUT``. Heartbeats are written each round; published
    messages arrive through :meth:`Reactor.dispatch` (any thread) and
    :meth:`Reactor._deliver` writes each one's frame, made once per protocol,
-   to every subscriber; several waiting messages leave in one write. The
+   to every subscriber; several waiting messages leave in one write. On a
+   TLS connection each write is encrypted for it first (``conn.tls``,
+   :mod:`wsgi_hijack.tls`), and ``outbuf`` holds records. The
    same bytes to many connections (a heartbeat, a message) go out through
    :func:`.fanout.fan_out`: one loop in C over their fds, and ``_write``
    only for those that have bytes waiting or whose write fell short. A
@@ -55,7 +58,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select as _select_module
 import sys
 import time
 from collections import deque
@@ -64,7 +66,6 @@ from typing import Any
 
 import gevent
 import gevent.event
-from gevent import monkey
 
 from .. import config
 from ..admission import Admission, Refusal
@@ -73,6 +74,7 @@ from ..bus.positions import Position, parse_position
 from ..connection import Connection, State
 from ..handoff.codec import ConnectionState
 from ..protocols.base import ConnectionDone, Protocol, ProtocolError
+from ..tls import TLSError
 from . import fanout, moving
 from .channel_routing import PerChannelRouter
 from .entry import HubEntry
@@ -83,19 +85,9 @@ from .occupancy import Occupancy
 from .routing import Router
 from .stats import Stats
 from .timers import Timers
+from .wire import CLOSED_MASK, EPOLLOUT, Wire, close_fd
 
 log = logging.getLogger("wsgi_hijack.reactor")
-
-# gevent's monkeypatching removes select.epoll; the original is still there.
-_epoll = monkey.get_original("select", "epoll")
-EPOLLIN = _select_module.EPOLLIN
-EPOLLOUT = _select_module.EPOLLOUT
-_READ_MASK = EPOLLIN | _select_module.EPOLLRDHUP
-_CLOSED_MASK = _READ_MASK | _select_module.EPOLLHUP | _select_module.EPOLLERR
-_POLL_BATCH = 4096
-_READ_SIZE = 65536
-_write = os.write
-_read = os.read
 
 
 class Reactor(Loop, Messages):
@@ -105,16 +97,17 @@ class Reactor(Loop, Messages):
         if heartbeat is None:
             heartbeat = config.heartbeat_interval()
         self.heartbeat_interval = heartbeat
-        self.max_buffer = max_buffer if max_buffer is not None else config.max_buffer()
-        if self.heartbeat_interval <= 0 or self.max_buffer <= 0:
+        max_buffer = max_buffer if max_buffer is not None else config.max_buffer()
+        if self.heartbeat_interval <= 0 or max_buffer <= 0:
             raise ValueError("heartbeat and max_buffer must be positive")
+        #: Every syscall on a client fd (:mod:`.wire`).
+        self._wire = Wire(max_buffer)
         self.pid = os.getpid()
         self._senders = [fanout.Sender() for _ in range(config.send_threads() - 1)]
         self._conns: dict[int, Connection] = {}
         self._heartbeats = Heartbeats()
-        # fds with bytes waiting in their outbuf (armed for EPOLLOUT): a round
-        # must not write past them, so they take the slow path.
-        self._armed: set[int] = set()
+        # fds whose writes take the per-connection path (Wire.armed).
+        self._armed = self._wire.armed
         self._inbox: deque[tuple[Connection, bytes, int | None, float | None]] = deque()
         self._outbox: deque[Message | Event] = deque()  # from the bus, in id order
         #: Who gets which message: the exactly-once bookkeeping, sans-IO.
@@ -129,7 +122,6 @@ class Reactor(Loop, Messages):
         self._counts = self._stats.counts  # incremented on the hot paths
         #: protocol name -> connections held
         self.held_by_protocol: dict[str, int] = {}
-        self._epoll: Any = None
         self._greenlet: gevent.Greenlet | None = None
         self._running = False
 
@@ -137,6 +129,10 @@ class Reactor(Loop, Messages):
     def stats(self) -> dict[str, Any]:
         """The reactor's counts, with the admission's and the bus's; any thread."""
         return self._stats.snapshot(self.occupancy, self.bus)
+
+    @property
+    def max_buffer(self) -> int:
+        return self._wire.max_buffer
 
     @property
     def admission(self) -> Admission:
@@ -163,9 +159,8 @@ class Reactor(Loop, Messages):
             log.warning("bus unavailable at start (%s); continuing without it", exc)
         hub = gevent.get_hub()
         self._entry = HubEntry(hub)
-        self._epoll = _epoll()
         self._wake = gevent.event.Event()
-        self._io_watcher = hub.loop.io(self._epoll.fileno(), 1)
+        self._io_watcher = hub.loop.io(self._wire.open(), 1)
         self._io_watcher.start(self._wake.set)
         self._async = hub.loop.async_()
         self._async.start(self._wake.set)
@@ -231,11 +226,10 @@ class Reactor(Loop, Messages):
                 # chunked: the last chunk; WebSocket: a close frame).
                 last = protocol.timeout(self.router.position(conn)) if protocol.one_shot \
                     else protocol.goodbye
-                if last or conn.outbuf:
-                    try:  # one non-blocking write: whatever the kernel takes
-                        _write(conn.fd, conn.outbuf + last)
-                    except OSError:
-                        pass
+                tls = conn.tls
+                if tls is not None:  # its records, then the end of TLS
+                    last = tls.encrypt(last) + tls.close()
+                self._wire.last_words(conn, last)
             self._drop(conn, None)
         self.bus.close()
         for sender in self._senders:
@@ -243,7 +237,7 @@ class Reactor(Loop, Messages):
         self._senders = []
         self._io_watcher.stop()
         self._async.stop()
-        self._epoll.close()
+        self._wire.close()
         if self._greenlet is not None and gevent.getcurrent() is not self._greenlet:
             self._greenlet.kill(block=False)
 
@@ -262,7 +256,9 @@ class Reactor(Loop, Messages):
         and the connection closed.
 
         A socket moved here from another worker (``sock.resumed``) carries on
-        from its state instead (:func:`.moving.resume`).
+        from its state instead (:func:`.moving.resume`). A TLS connection
+        (``sock.tls``, :class:`~wsgi_hijack.tls.TLSSocket`) comes with its TLS
+        state, and every byte to it is encrypted.
         """
         if not self._running:
             raise RuntimeError("reactor is not running; get it with wsgi_hijack.get_reactor()")
@@ -277,11 +273,13 @@ class Reactor(Loop, Messages):
         take_pending = getattr(sock, "take_pending", None)
         pending = take_pending() if take_pending is not None else b""
         request = getattr(sock, "request", None)
+        tls = getattr(sock, "tls", None)
         fd = sock.detach()
         if fd < 0:
             raise ValueError(f"{sock!r} has no open file descriptor")
         os.set_blocking(fd, False)
         conn = Connection(fd, protocol)
+        conn.tls = tls
         conn.outbuf = initial
         conn.channels = tuple(channels)
         conn.request = sys.intern(request) if request else None
@@ -326,13 +324,17 @@ class Reactor(Loop, Messages):
         while inbox:
             conn, pending, last_id, timeout = inbox.popleft()
             try:
-                self._epoll.register(conn.fd, _READ_MASK)
+                self._wire.watch(conn)
             except OSError as exc:
                 log.warning("cannot watch fd %d, closing it: %s", conn.fd, exc)
-                _close_fd(conn)
+                close_fd(conn)
                 self.occupancy.released(conn.ip)
                 continue
             self._conns[conn.fd] = conn
+            if conn.tls is not None:
+                pending += self._decrypt(conn, b"")  # what came with the request head
+                if conn.fd < 0:
+                    continue
             conn.state = State.HELD
             conn.protocol.held(conn)
             self._heartbeats.add(conn)
@@ -356,6 +358,8 @@ class Reactor(Loop, Messages):
             conn.state = State.CLOSING
         self._apply(self.router.leave(conn))
         self._heartbeats.stop(conn)
+        if conn.tls is not None and conn.fd >= 0:
+            self._send(conn, conn.tls.close())  # the clean end: nothing was cut off
         if conn.fd >= 0 and not conn.outbuf:
             self._drop(conn, "completed")
 
@@ -363,34 +367,59 @@ class Reactor(Loop, Messages):
 
     def _poll(self) -> None:
         conns = self._conns
+        wire = self._wire
         while True:
-            events = self._epoll.poll(0, _POLL_BATCH)
+            events = wire.events()
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
                     continue
-                if mask & _CLOSED_MASK:
+                if mask & CLOSED_MASK:
                     self._read(conn)
                 if mask & EPOLLOUT and conn.fd >= 0:
                     self._flush(conn)
-            if len(events) < _POLL_BATCH:
+            if not wire.full_batch(events):
                 return
             gevent.sleep(0)  # a storm of events: let the accept loop run in between
             if not self._running:  # close() ran meanwhile: the epoll is gone
                 return
 
     def _read(self, conn: Connection) -> None:
-        try:
-            data = _read(conn.fd, _READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(conn, "dropped_closed")
+        data = self._wire.read(conn)
+        if data is None:
             return
         if not data:
             self._drop(conn, "dropped_closed")
             return
+        if conn.tls is not None:
+            data = self._decrypt(conn, data)
+            if conn.fd < 0:
+                return
+            if conn.tls.peer_closed:  # its close_notify, answered: it reads nothing more
+                if data:
+                    self._received(conn, data)
+                self._drop(conn, "dropped_closed")
+                return
+            if not data:
+                return
         self._received(conn, data)
+
+    def _decrypt(self, conn: Connection, wire: bytes) -> bytes:
+        """The plain text in ``wire`` for a TLS connection; what TLS answers by
+        itself (a key update, a ``close_notify``) is written. A peer that
+        breaks TLS gets the alert, if any, and is dropped (b"")."""
+        assert conn.tls is not None
+        try:
+            plain, out = conn.tls.receive(wire)
+        except TLSError as exc:
+            log.info("closing fd %d: %s", conn.fd, exc)
+            self._counts["dropped_protocol"] += 1
+            self._wire.last_words(conn, exc.goodbye)  # the alert, if any
+            self._drop(conn, None)
+            return b""
+        if out:
+            self._send(conn, out)
+        return plain
 
     def _received(self, conn: Connection, data: bytes) -> None:
         try:
@@ -421,26 +450,15 @@ class Reactor(Loop, Messages):
     # -- 3. written ----------------------------------------------------------------
 
     def _write(self, conn: Connection, data: bytes) -> None:
-        if conn.outbuf:
-            if len(conn.outbuf) + len(data) > self.max_buffer:
-                self._drop(conn, "dropped_slow")
-            else:
-                conn.outbuf += data
-            return
-        try:
-            sent = _write(conn.fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._drop(conn, "dropped_closed")
-            return
-        if sent < len(data):
-            if len(data) - sent > self.max_buffer:
-                self._drop(conn, "dropped_slow")
-                return
-            conn.outbuf = data[sent:]
-            self._epoll.modify(conn.fd, _READ_MASK | EPOLLOUT)
-            self._armed.add(conn.fd)
+        """Write ``data`` (the protocol's bytes) to ``conn``, encrypted for it on TLS."""
+        tls = conn.tls
+        self._send(conn, data if tls is None else tls.encrypt(data))
+
+    def _send(self, conn: Connection, data: bytes) -> None:
+        """Put ``data`` on the wire: what the kernel does not take waits in outbuf."""
+        reason = self._wire.send(conn, data)
+        if reason is not None:
+            self._drop(conn, reason)
 
     def write(self, conn: Connection, data: bytes) -> None:
         """Write to one held connection; call from the reactor's thread. Once
@@ -451,21 +469,11 @@ class Reactor(Loop, Messages):
     # -- 4. drained ------------------------------------------------------------------
 
     def _flush(self, conn: Connection) -> None:
-        data = conn.outbuf
-        try:
-            sent = _write(conn.fd, data)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(conn, "dropped_closed")
-            return
-        conn.outbuf = data[sent:]
-        if not conn.outbuf:
-            if conn.closing:
-                self._drop(conn, "completed")
-                return
-            self._epoll.modify(conn.fd, _READ_MASK)
-            self._armed.discard(conn.fd)
+        reason = self._wire.flush(conn)
+        if reason is not None:
+            self._drop(conn, reason)
+        elif not conn.outbuf and conn.closing:
+            self._drop(conn, "completed")
 
     # -- 5. dropped, 6. closed ----------------------------------------------------------
 
@@ -476,24 +484,10 @@ class Reactor(Loop, Messages):
             return
         del self._conns[fd]
         self._heartbeats.forget(conn)
-        self._armed.discard(fd)
         self.held_by_protocol[conn.protocol.name] -= 1
         if conn.channels:
             self._apply(self.router.leave(conn))
-        try:
-            self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
-        _close_fd(conn)
+        self._wire.forget(conn)
         self.occupancy.released(conn.ip)
         if reason is not None:
             self._counts[reason] += 1
-
-
-def _close_fd(conn: Connection) -> None:
-    fd, conn.fd, conn.outbuf = conn.fd, -1, b""
-    conn.state = State.CLOSED
-    try:
-        os.close(fd)
-    except OSError:
-        pass

@@ -5,7 +5,9 @@ its :class:`~wsgi_hijack.handoff.codec.ConnectionState`, read while the
 loop is stopped, so nothing is written between the reading and the move.
 A connection that cannot move (held without the middleware, so no request
 line to run again; a protocol that is not :attr:`~Protocol.movable`; one
-whose response is complete) is left out: it gets its goodbye.
+whose response is complete; a TLS connection, whose TLS state lives in this
+process's OpenSSL and cannot be given to another) is left out: it gets its
+goodbye, and the client comes back (docs/restarts.rst).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def states(conns: Iterable[Connection], router: Router, timers: Timers,
     found: list[ConnectionState] = []
     for conn in conns:
         protocol = conn.protocol
-        if conn.state is not State.HELD or conn.request is None or not protocol.movable:
+        if conn.state is not State.HELD or conn.request is None or not protocol.movable \
+                or conn.tls is not None:
             continue
         try:
             protocol_state, input_ = protocol.handoff_state(now)

@@ -89,7 +89,7 @@ def current_reactor() -> Reactor | None:
 def _abandon(reactor: Reactor) -> None:
     # The parent's connections are the parent's: close only our copy of its epoll fd.
     try:
-        if reactor._epoll is not None:
-            reactor._epoll.close()
+        if reactor._wire.epoll is not None:
+            reactor._wire.close()
     except OSError:
         pass

@@ -19,13 +19,20 @@
 The two accept paths side by side, at the fd limit and under slow heads:
 benchmarks/results/arrival.md.
 
-TLS (``certfile``) and the ``gevent_pywsgi`` flavour keep gunicorn's own
-accept path: the lobby looks for the end of a clear-text head.
+With TLS (``certfile``), the lobby waits for the client's first TLS record
+instead of a clear-text head, and the pool greenlet does the handshake
+itself (:class:`~wsgi_hijack.tls.TLSSocket`, bounded by the same head
+deadline): the TLS state then goes with a hijacked connection to the
+reactor, which encrypts every write for it. gunicorn's own TLS socket would
+keep that state bound to its fd, where the reactor cannot speak it
+(docs/tls.rst). The ``gevent_pywsgi`` flavour keeps gunicorn's own accept
+path.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from typing import Any
 
@@ -40,6 +47,7 @@ from ..admission import FdBudget
 from ..handoff import worker as handoff
 from ..lobby import Lobby
 from ..reactor import get_reactor
+from ..tls import TLSError, TLSSocket
 from . import checks
 
 #: Seconds a stopping worker still waits for heads already begun (as
@@ -51,11 +59,15 @@ STOP_LINGER = 2.0
 class GeventWorker(ggevent.GeventWorker):
     lobby: Lobby | None = None
     _told_to_stop: gevent.event.Event | None = None
+    #: The server's TLS settings when ``certfile`` is set (our handshake).
+    _tls: ssl.SSLContext | None = None
 
     def run(self) -> None:
-        if self.cfg.is_ssl or self.server_class is not None:
+        if self.server_class is not None:
             checks.run_checks(self.cfg, own_lobby=False, logger=self.log)
             return super().run()
+        if self.cfg.is_ssl:
+            self._tls = tls_context(self.cfg, self.log)
         reactor = get_reactor()
         budget = FdBudget()
         checks.run_checks(self.cfg, own_lobby=True, logger=self.log, budget=budget,
@@ -74,7 +86,7 @@ class GeventWorker(ggevent.GeventWorker):
         shared = self.cfg.workers > 1 and not os.environ.get("WSGI_HIJACK_PUBLIC_BIND")
         lobby = self.lobby = Lobby(self.sockets, self._hand_off, config.head_timeout(), room,
                                    socket_class=gevent.socket.socket,
-                                   max_accept=1 if shared else 1024)
+                                   max_accept=1 if shared else 1024, tls=self._tls is not None)
         lobby.start()
         checks.lobby_active = True
         lobby_metrics = metrics.create_lobby()
@@ -118,10 +130,26 @@ class GeventWorker(ggevent.GeventWorker):
             except OSError:  # reset while it waited for a slot
                 client.close()
                 return
+            if self._tls is not None:
+                client = self._handshake(client)
+                if client is None:
+                    return
             self.handle(listener, client, addr)
         finally:
             if self.lobby is not None and self.lobby.waiting:
                 self.lobby.wake()  # a slot is free for a ready head
+
+    def _handshake(self, client: Any) -> TLSSocket | None:
+        """The TLS handshake, within the head deadline; None when it failed
+        (the client got the alert that says why, if any, and is closed)."""
+        assert self._tls is not None
+        deadline = time.monotonic() + config.head_timeout()
+        try:
+            return TLSSocket.accept(client, self._tls, deadline)
+        except (TLSError, OSError) as exc:  # TimeoutError is an OSError
+            self.log.debug("TLS handshake failed: %s", exc)
+            client.close()
+            return None
 
     def _stop(self, lobby: Lobby, pool: Pool) -> None:
         lobby.stop_accepting()
@@ -137,3 +165,25 @@ class GeventWorker(ggevent.GeventWorker):
             gevent.sleep(0.5)
         self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
         pool.kill(timeout=1)
+
+
+def tls_context(cfg: Any, logger: Any) -> ssl.SSLContext:
+    """gunicorn's own TLS settings (``certfile``, ``keyfile``, ``ca_certs``,
+    ``cert_reqs``, ``ciphers``, the ``ssl_context`` hook), with two changes:
+
+    - no renegotiation: a client may not start a new handshake in the middle
+      of a stream the reactor holds (TLS 1.3 has none anyway);
+    - ALPN offers HTTP/1.1 only: a held stream is an HTTP/1.1 connection of
+      its own. HTTP/2 to browsers belongs to a proxy in front (docs/tls.rst).
+    """
+    from gunicorn.sock import _get_alpn_protocols, ssl_context
+
+    context = ssl_context(cfg)
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    if "h2" in _get_alpn_protocols(cfg):
+        logger.warning("wsgi_hijack: http_protocols asks for HTTP/2 over TLS; this worker "
+                       "speaks HTTP/1.1 on TLS connections (held streams are connections of "
+                       "their own): terminate TLS and HTTP/2 at a proxy in front instead "
+                       "(docs/tls.rst)")
+        context.set_alpn_protocols(["http/1.1"])
+    return context
