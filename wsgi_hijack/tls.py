@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 #: The most a read from the wire takes at once (one TLS record is 16 KiB
@@ -182,6 +183,26 @@ class TLSSocket:
             if not wire:
                 raise ConnectionResetError("the client closed during the TLS handshake")
 
+    def wait_for(self, ready: Callable[[bytes], bool], deadline: float) -> bool:
+        """Read until ``ready(plain text so far)`` or ``deadline`` (monotonic);
+        False when the deadline passed or the client left first. What was
+        read stays for :meth:`recv`."""
+        while not ready(self._plain):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.tls.peer_closed:
+                return False
+            self.raw.settimeout(left)
+            try:
+                wire = self.raw.recv(_WIRE_READ)
+            except (TimeoutError, OSError):
+                return False
+            finally:
+                self.raw.settimeout(None)
+            if not wire:
+                return False
+            self._plain += self._receive(wire)
+        return True
+
     # -- bytes ---------------------------------------------------------------------
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
@@ -191,16 +212,20 @@ class TLSSocket:
             wire = self.raw.recv(_WIRE_READ)
             if not wire:
                 return b""  # the peer left without close_notify: EOF all the same
-            try:
-                plain, out = self.tls.receive(wire)
-            except TLSError as exc:
-                self._send_wire(exc.goodbye)
-                raise
-            if out:
-                self._send_wire(out)
-            self._plain = plain
+            self._plain = self._receive(wire)
         data, self._plain = self._plain[:bufsize], self._plain[bufsize:]
         return data
+
+    def _receive(self, wire: bytes) -> bytes:
+        """The plain text in ``wire``; TLS's own answers are sent. On a
+        :class:`TLSError` the peer gets the alert, and the caller closes."""
+        try:
+            plain, out = self.tls.receive(wire)
+        except TLSError as exc:
+            self._send_wire(exc.goodbye)
+            raise
+        self._send_wire(out)
+        return plain
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         view = memoryview(buffer).cast("B")

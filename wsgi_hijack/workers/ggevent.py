@@ -45,7 +45,7 @@ from gunicorn.workers import ggevent
 from .. import config, metrics
 from ..admission import FdBudget
 from ..handoff import worker as handoff
-from ..lobby import Lobby
+from ..lobby import TIMEOUT_RESPONSE, Lobby, head_state
 from ..reactor import get_reactor
 from ..tls import TLSError, TLSSocket
 from . import checks
@@ -140,16 +140,28 @@ class GeventWorker(ggevent.GeventWorker):
                 self.lobby.wake()  # a slot is free for a ready head
 
     def _handshake(self, client: Any) -> TLSSocket | None:
-        """The TLS handshake, within the head deadline; None when it failed
-        (the client got the alert that says why, if any, and is closed)."""
+        """The TLS handshake, then the request head, both within the head
+        deadline, as the lobby waits for a clear-text head; None when either
+        failed (the client got the alert that says why, or a 408, and is
+        closed). A greenlet waits here, where the lobby needs none: the TLS
+        state costs more than the greenlet (benchmarks/results/tls.md)."""
         assert self._tls is not None
         deadline = time.monotonic() + config.head_timeout()
         try:
-            return TLSSocket.accept(client, self._tls, deadline)
+            tls = TLSSocket.accept(client, self._tls, deadline)
         except (TLSError, OSError) as exc:  # TimeoutError is an OSError
             self.log.debug("TLS handshake failed: %s", exc)
             client.close()
             return None
+        try:
+            if tls.wait_for(lambda head: head_state(head) != "partial", deadline):
+                return tls
+            if tls.take_pending():  # part of a head, then silence: say so
+                tls.sendall(TIMEOUT_RESPONSE)
+        except (TLSError, OSError) as exc:
+            self.log.debug("TLS connection failed before its head: %s", exc)
+        tls.close()
+        return None
 
     def _stop(self, lobby: Lobby, pool: Pool) -> None:
         lobby.stop_accepting()
