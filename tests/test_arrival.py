@@ -251,6 +251,25 @@ def test_head_state(data, state):
     assert head_state(data) == state
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("data, state", [
+    (b"", "partial"),
+    (b"\x16\x03\x01", "partial"),  # a record header not yet whole
+    (b"\x16\x03\x01\x00\x05abcd", "partial"),  # one byte of the hello missing
+    (b"\x16\x03\x01\x00\x05abcde", "complete"),
+    (b"\x16\x03\x01\x00\x05abcde\x16\x03", "complete"),  # more behind it
+    (b"\x16\x03\x01\xff\xff", "not_tls"),  # longer than any TLS record
+    (b"GET / HTTP/1.1\r\n", "plain_http"),  # a clear-text request: told to use https
+    (b"\x00\x01garbage", "not_tls"),
+])
+def test_hello_state(data, state):
+    """On a TLS listener the lobby hands a connection over once the client's
+    first TLS record is in, and tells clear text apart from garbage."""
+    from wsgi_hijack.lobby import hello_state
+
+    assert hello_state(data) == state
+
+
 def test_gthread_waits_for_the_head_past_keepalive_and_answers_408(start_server):
     server = start_server("gunicorn", heartbeat=5, app="wsgi_hijack:app",
                           args=("-k", "gthread", "--threads", "4"),
