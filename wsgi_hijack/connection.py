@@ -12,6 +12,7 @@ objects (benchmarks/results/results.md: RSS per held connection).
 
 from __future__ import annotations
 
+from collections import deque
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -38,9 +39,26 @@ class State(IntEnum):
     CLOSED = 3
 
 
+class CatchUp:
+    """What a connection missed, still on its way: frames handed to the wire
+    as its socket drains (:meth:`wsgi_hijack.reactor.wire.Wire.pump`), so a
+    replay is never cut for being large and costs no more buffer than live
+    traffic. Live frames that arrive meanwhile queue behind it, capped as live
+    traffic is. Exists only while a catch-up drains."""
+
+    __slots__ = ("frames", "replayed", "live")
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames: deque[bytes] = deque(frames)
+        #: Frames at the front that are the replay (not counted against the cap).
+        self.replayed = len(frames)
+        #: Bytes of live frames queued behind it (counted against the cap).
+        self.live = 0
+
+
 class Connection:
     __slots__ = ("fd", "protocol", "outbuf", "channels", "state", "ip", "beat", "request",
-                 "tls", "__weakref__")
+                 "tls", "catch_up", "__weakref__")
 
     def __init__(self, fd: int, protocol: Protocol) -> None:
         #: The client's socket fd, owned by the reactor; -1 once closed.
@@ -62,6 +80,8 @@ class Connection:
         #: Its TLS state when the client speaks TLS (every write is encrypted
         #: for it, :mod:`wsgi_hijack.tls`); None for clear text.
         self.tls: TLSSession | None = None
+        #: Its replay while it drains (None the rest of the time).
+        self.catch_up: CatchUp | None = None
 
     @property
     def closing(self) -> bool:

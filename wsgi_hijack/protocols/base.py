@@ -81,9 +81,20 @@ class Protocol:
         """The bytes that carry ``message`` on this protocol."""
         raise NotImplementedError(f"{type(self).__name__} does not carry messages")
 
+    def opening_frames(self, replay: Replay) -> list[bytes]:
+        """What the connection is sent when it is stored -- what it missed, if
+        anything -- as frames, which the reactor writes as the socket drains
+        (a replay is never cut for being large). The messages' frames are
+        the ones made once for all subscribers (:func:`framed`). A protocol
+        that overrides only :meth:`opening` has that sent as one frame."""
+        if type(self).opening is not Protocol.opening:
+            data = self.opening(replay)
+            return [data] if data else []
+        return [framed(self, m) for m in replay.messages]
+
     def opening(self, replay: Replay) -> bytes:
-        """Bytes written when the connection is stored: what it missed, if anything."""
-        return b"".join(self.frame(m) for m in replay.messages)
+        """:meth:`opening_frames` as one bytes object."""
+        return b"".join(self.opening_frames(replay))
 
     def timeout(self, last_id: int) -> bytes:
         """For protocols held with a deadline: the response when it passes."""

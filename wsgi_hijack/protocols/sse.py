@@ -21,7 +21,7 @@ import re
 from typing import TYPE_CHECKING
 
 from .. import config
-from .base import Protocol
+from .base import Protocol, framed
 
 if TYPE_CHECKING:
     from ..bus.base import Message, Replay
@@ -70,13 +70,13 @@ class ServerSentEvents(Protocol):
     def frame(self, message: Message) -> bytes:
         return encode_event(message.data, message.event, message.id)
 
-    def opening(self, replay: Replay) -> bytes:
+    def opening_frames(self, replay: Replay) -> list[bytes]:
         out = [f"retry: {self.retry_ms}\n\n".encode()]
         if replay.gap:
             # No id: the client's Last-Event-ID must not move past what it missed.
             out.append(encode_event(json.dumps({"last_id": replay.last_id}), "gap"))
-        out.extend(self.frame(m) for m in replay.messages)
-        return b"".join(out)
+        out.extend(framed(self, m) for m in replay.messages)
+        return out
 
     def receive_data(self, data: bytes) -> bytes | None:
         # EventSource never sends after the request; whatever comes is ignored.

@@ -130,13 +130,13 @@ class WebSocketFramer(Protocol):
             return text_frame(json.dumps(message.as_dict(), ensure_ascii=False))
         return text_frame(message.data)
 
-    def opening(self, replay: Replay) -> bytes:
+    def opening_frames(self, replay: Replay) -> list[bytes]:
         out = []
         if replay.gap and self.envelope:
             # Some of what the client missed is gone from the history.
             out.append(text_frame(json.dumps({"gap": True, "last_id": replay.last_id})))
         out.extend(framed(self, m) for m in replay.messages)
-        return b"".join(out)
+        return out
 
 
 JSON_FRAMER = WebSocketFramer(envelope=True)
@@ -196,8 +196,8 @@ class WebSocketProtocol(Protocol):
     def frame(self, message: Message) -> bytes:
         return self.endpoint.framer.frame(message)
 
-    def opening(self, replay: Replay) -> bytes:
-        return self.endpoint.framer.opening(replay)
+    def opening_frames(self, replay: Replay) -> list[bytes]:
+        return self.endpoint.framer.opening_frames(replay)
 
     def liveness(self, now: float) -> bytes | None:
         if now - self._seen > self.endpoint.pong_timeout:

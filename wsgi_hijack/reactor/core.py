@@ -74,7 +74,6 @@ from ..bus.positions import Position, parse_position
 from ..connection import Connection, State
 from ..handoff.codec import ConnectionState
 from ..protocols.base import ConnectionDone, Protocol, ProtocolError
-from ..tls import TLSError
 from . import fanout, moving
 from .channel_routing import PerChannelRouter
 from .entry import HubEntry
@@ -358,10 +357,19 @@ class Reactor(Loop, Messages):
             conn.state = State.CLOSING
         self._apply(self.router.leave(conn))
         self._heartbeats.stop(conn)
+        if conn.catch_up is not None and conn.fd >= 0:  # its replay before its end
+            self._acted(conn, self._wire.pump(conn, everything=True))
         if conn.tls is not None and conn.fd >= 0:
             self._send(conn, conn.tls.close())  # the clean end: nothing was cut off
-        if conn.fd >= 0 and not conn.outbuf:
-            self._drop(conn, "completed")
+        if conn.fd >= 0:
+            if not conn.outbuf:
+                self._drop(conn, "completed")
+            else:  # a client that never reads its last bytes is not held forever
+                self._timers.at(time.monotonic() + config.poll_timeout(), self._reap, conn)
+
+    def _reap(self, conn: Connection) -> None:
+        if conn.fd >= 0 and conn.closing:
+            self._drop(conn, "dropped_slow")
 
     # -- reading, and noticing that the client left -------------------------------
 
@@ -405,20 +413,9 @@ class Reactor(Loop, Messages):
         self._received(conn, data)
 
     def _decrypt(self, conn: Connection, wire: bytes) -> bytes:
-        """The plain text in ``wire`` for a TLS connection; what TLS answers by
-        itself (a key update, a ``close_notify``) is written. A peer that
-        breaks TLS gets the alert, if any, and is dropped (b"")."""
-        assert conn.tls is not None
-        try:
-            plain, out = conn.tls.receive(wire)
-        except TLSError as exc:
-            log.info("closing fd %d: %s", conn.fd, exc)
-            self._counts["dropped_protocol"] += 1
-            self._wire.last_words(conn, exc.goodbye)  # the alert, if any
-            self._drop(conn, None)
-            return b""
-        if out:
-            self._send(conn, out)
+        """The plain text in ``wire`` for a TLS connection (:meth:`.Wire.decrypt`)."""
+        plain, dropped = self._wire.decrypt(conn, wire)
+        self._acted(conn, dropped)
         return plain
 
     def _received(self, conn: Connection, data: bytes) -> None:
@@ -451,14 +448,19 @@ class Reactor(Loop, Messages):
 
     def _write(self, conn: Connection, data: bytes) -> None:
         """Write ``data`` (the protocol's bytes) to ``conn``, encrypted for it on TLS."""
-        tls = conn.tls
-        self._send(conn, data if tls is None else tls.encrypt(data))
+        self._acted(conn, self._wire.write(conn, data))
 
     def _send(self, conn: Connection, data: bytes) -> None:
-        """Put ``data`` on the wire: what the kernel does not take waits in outbuf."""
-        reason = self._wire.send(conn, data)
-        if reason is not None:
-            self._drop(conn, reason)
+        """Put wire bytes (TLS's own) on the wire: what the kernel does not take waits."""
+        self._acted(conn, self._wire.send(conn, data))
+
+    def _catch_up(self, conn: Connection, frames: list[bytes]) -> None:
+        """Write what ``conn`` missed as its socket drains (:meth:`.Wire.pump`)."""
+        self._acted(conn, self._wire.catch_up(conn, frames))
+
+    def _acted(self, conn: Connection, dropped: str | None) -> None:
+        if dropped is not None:
+            self._drop(conn, dropped)
 
     def write(self, conn: Connection, data: bytes) -> None:
         """Write to one held connection; call from the reactor's thread. Once
@@ -472,7 +474,7 @@ class Reactor(Loop, Messages):
         reason = self._wire.flush(conn)
         if reason is not None:
             self._drop(conn, reason)
-        elif not conn.outbuf and conn.closing:
+        elif not conn.outbuf and conn.closing and conn.catch_up is None:
             self._drop(conn, "completed")
 
     # -- 5. dropped, 6. closed ----------------------------------------------------------

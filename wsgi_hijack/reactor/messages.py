@@ -49,6 +49,7 @@ class Messages:
 
     if TYPE_CHECKING:
         def _write(self, conn: Connection, data: bytes) -> None: ...
+        def _catch_up(self, conn: Connection, frames: list[bytes]) -> None: ...
         def _finish(self, conn: Connection) -> None: ...
 
     def _apply(self, effects: list[Effect]) -> None:
@@ -114,9 +115,9 @@ class Messages:
         it take what is published."""
         if conn.fd < 0 or conn.closing:  # its goodbye is out (or on its way): nothing after it
             return
-        opening = conn.protocol.opening(self.router.shown(conn, after, replay))
+        opening = conn.protocol.opening_frames(self.router.shown(conn, after, replay))
         if opening:
-            self._write(conn, opening)
+            self._catch_up(conn, opening)  # as the socket drains: never cut for its size
             if conn.protocol.one_shot:
                 self._finish(conn)
                 return

@@ -47,9 +47,12 @@ def states(conns: Iterable[Connection], router: Router, timers: Timers,
         when = deadlines.get(conn)
         goodbye = protocol.timeout(router.position(conn)) if protocol.one_shot \
             else protocol.goodbye
+        owed = conn.outbuf  # and the rest of a replay still draining, in order
+        if conn.catch_up is not None:
+            owed += b"".join(conn.catch_up.frames)
         found.append(ConnectionState(
             len(movable), protocol.name, conn.request, conn.channels,
-            router.position(conn) if conn.channels else None, conn.outbuf,
+            router.position(conn) if conn.channels else None, owed,
             None if when is None else max(0.0, when - now), protocol_state, input_, goodbye))
         movable.append(conn)
     return movable, found

@@ -1,22 +1,33 @@
-"""The wire: the reactor's only code that makes syscalls on client fds.
+"""The wire: everything between a protocol's bytes and a client's fd.
 
 One ``epoll`` set for every held connection, non-blocking ``read`` and
-``write``, what waits in each connection's ``outbuf``, and the close. It
-decides nothing about a connection's life: each call says what happened
-(a reason to drop it, or None), and the reactor (:mod:`.core`) acts on it.
-Bytes given here are wire bytes: on a TLS connection they are records
-already encrypted for it (``Reactor._write``).
+``write``, the TLS records of a TLS connection, what waits in each
+connection's ``outbuf``, a replay handed out as the socket drains, and the
+close. It decides nothing about a connection's life: each call says what
+happened (a reason to drop it, or None), and the reactor (:mod:`.core`)
+acts on it. This is the reactor's only code that makes syscalls on client
+fds.
+
+The cap: a connection may have ``max_buffer`` bytes of live traffic
+waiting; past it the client has stopped reading and is dropped as slow. A
+replay (:class:`~wsgi_hijack.connection.CatchUp`) is not live traffic: it
+is handed out frame by frame while less than the cap waits, so it arrives
+whole however large, and buffers no more than live traffic does.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select as _select_module
 from typing import Any
 
 from gevent import monkey
 
-from ..connection import Connection, State
+from ..connection import CatchUp, Connection, State
+from ..tls import TLSError
+
+log = logging.getLogger("wsgi_hijack.reactor")
 
 # gevent's monkeypatching removes select.epoll; the original is still there.
 _epoll = monkey.get_original("select", "epoll")
@@ -74,10 +85,69 @@ class Wire:
         except OSError:
             return b""
 
-    def send(self, conn: Connection, data: bytes) -> str | None:
-        """Write ``data`` behind what waits; returns why to drop ``conn``, if so."""
+    def decrypt(self, conn: Connection, wire: bytes) -> tuple[bytes, str | None]:
+        """The plain text in ``wire`` for a TLS connection, and why to drop it,
+        if so. What TLS answers by itself (a key update, a ``close_notify``)
+        is written; a peer that breaks TLS gets the alert, if any."""
+        assert conn.tls is not None
+        try:
+            plain, out = conn.tls.receive(wire)
+        except TLSError as exc:
+            log.info("closing fd %d: %s", conn.fd, exc)
+            self.last_words(conn, exc.goodbye)
+            return b"", "dropped_protocol"
+        return plain, self.send(conn, out) if out else None
+
+    def write(self, conn: Connection, data: bytes) -> str | None:
+        """Write the protocol's ``data`` (encrypted for a TLS connection),
+        behind any replay still draining; returns why to drop ``conn``, if so."""
+        catch_up = conn.catch_up
+        if catch_up is not None:
+            catch_up.live += len(data)
+            if catch_up.live > self.max_buffer:
+                return "dropped_slow"
+            catch_up.frames.append(data)
+            return None
+        tls = conn.tls
+        return self.send(conn, data if tls is None else tls.encrypt(data))
+
+    def catch_up(self, conn: Connection, frames: list[bytes]) -> str | None:
+        """Write a replay as the socket drains, ahead of what follows."""
+        if conn.catch_up is not None:  # a second one queues behind the first
+            conn.catch_up.frames.extend(frames)
+            conn.catch_up.replayed += len(frames)
+            return None
+        conn.catch_up = CatchUp(frames)
+        self.armed.add(conn.fd)  # the fan-out must not write past it
+        return self.pump(conn)
+
+    def pump(self, conn: Connection, everything: bool = False) -> str | None:
+        """Hand the replay's frames to the socket while less than the cap
+        waits (``everything``: all of it, for a response that ends now)."""
+        catch_up = conn.catch_up
+        assert catch_up is not None
+        frames, tls, cap = catch_up.frames, conn.tls, self.max_buffer
+        while frames and (everything or len(conn.outbuf) < cap):
+            frame = frames.popleft()
+            if catch_up.replayed:
+                catch_up.replayed -= 1
+            else:
+                catch_up.live -= len(frame)
+            reason = self.send(conn, frame if tls is None else tls.encrypt(frame),
+                               capped=False)
+            if reason is not None:
+                return reason
+        if not frames:
+            conn.catch_up = None
+            if not conn.outbuf and tls is None:
+                self.armed.discard(conn.fd)
+        return None
+
+    def send(self, conn: Connection, data: bytes, capped: bool = True) -> str | None:
+        """Write wire bytes behind what waits; returns why to drop ``conn``, if
+        so. ``capped``: past the cap the client is slow (live traffic)."""
         if conn.outbuf:
-            if len(conn.outbuf) + len(data) > self.max_buffer:
+            if capped and len(conn.outbuf) + len(data) > self.max_buffer:
                 return "dropped_slow"
             conn.outbuf += data
             return None
@@ -88,7 +158,7 @@ class Wire:
         except OSError:
             return "dropped_closed"
         if sent < len(data):
-            if len(data) - sent > self.max_buffer:
+            if capped and len(data) - sent > self.max_buffer:
                 return "dropped_slow"
             conn.outbuf = data[sent:]
             self.epoll.modify(conn.fd, READ_MASK | EPOLLOUT)
@@ -96,7 +166,8 @@ class Wire:
         return None
 
     def flush(self, conn: Connection) -> str | None:
-        """Write what waits (the fd is writable); returns why to drop, if so."""
+        """Write what waits (the fd is writable), then more of a replay;
+        returns why to drop, if so."""
         data = conn.outbuf
         try:
             sent = _write(conn.fd, data)
@@ -105,9 +176,13 @@ class Wire:
         except OSError:
             return "dropped_closed"
         conn.outbuf = data[sent:]
+        if conn.catch_up is not None and len(conn.outbuf) < self.max_buffer:
+            reason = self.pump(conn)
+            if reason is not None:
+                return reason
         if not conn.outbuf and not conn.closing:
             self.epoll.modify(conn.fd, READ_MASK)
-            if conn.tls is None:
+            if conn.tls is None and conn.catch_up is None:
                 self.armed.discard(conn.fd)
         return None
 
@@ -132,7 +207,7 @@ class Wire:
 
 
 def close_fd(conn: Connection) -> None:
-    fd, conn.fd, conn.outbuf, conn.tls = conn.fd, -1, b"", None
+    fd, conn.fd, conn.outbuf, conn.tls, conn.catch_up = conn.fd, -1, b"", None, None
     conn.state = State.CLOSED
     try:
         os.close(fd)
