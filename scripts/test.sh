@@ -18,6 +18,12 @@ command -v nstat > /dev/null || need+=(iproute2)
 # A C compiler: the fan-out loop (wsgi_hijack/_fanout.c, which a test checks
 # was built) and the benchmark's floor (benchmarks/floor.c).
 command -v gcc > /dev/null || need+=(gcc)
+# OpenSSL's headers: pip compiles uWSGI, and gives it --https-socket only when
+# they are there (tests/test_tls_refused.py runs uWSGI over TLS).
+dpkg -s libssl-dev > /dev/null 2>&1 || need+=(libssl-dev)
+# nginx terminating TLS in front of a worker: the TLS benchmark's third case
+# (benchmarks/tls.py, tests/test_tls_bench.py).
+command -v nginx > /dev/null || need+=(nginx-light)
 if ((${#need[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y --no-install-recommends "${need[@]}" \
@@ -25,6 +31,12 @@ if ((${#need[@]})); then
 fi
 
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test,bench,docs]'
+# A uWSGI compiled before libssl-dev was there has no TLS: compile it again.
+uwsgi_bin="$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/uwsgi"
+if [ -x "$uwsgi_bin" ] && ! ldd "$uwsgi_bin" | grep -q libssl; then
+    python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+        --force-reinstall "uwsgi==$("$uwsgi_bin" --version)"
+fi
 python3 -m ruff check .
 # Everything, with no marker filter. Subsets (markers in pyproject.toml):
 # -m unit (in-process, seconds), -m "not slow", -m "not redis and not browser and not uwsgi".
