@@ -70,6 +70,11 @@ class Deployment:
         (self.code / "handoff_app.py").write_text(source)
         shutil.rmtree(self.code / "__pycache__", ignore_errors=True)
 
+    def credentials(self) -> tuple[str, bytes]:
+        """The deployment's ident and secret (its key file, in the rendezvous)."""
+        key = next(self.rendezvous.glob("deployment-*.key"))
+        return key.name[len("deployment-"):-len(".key")], key.read_bytes().strip()
+
     def listening(self) -> list[int]:
         """Pids of the workers that take connections now."""
         return sorted(int(p.name[7:-5]) for p in self.rendezvous.glob("worker-*.sock"))
@@ -497,12 +502,15 @@ def test_shutdown_says_goodbye(deploy):
 
 DYING_SUCCESSOR = """
 import os, socket, sys
+sys.path.insert(0, sys.argv[2])
+from wsgi_hijack.handoff import transport
 path = sys.argv[1] + f"/worker-{os.getpid()}.sock"
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(path)
 listener.listen(1)
 print("listening", flush=True)
 conn, _ = listener.accept()
+transport.expect(conn, sys.argv[3], sys.argv[4].encode())  # one of the deployment's
 socket.recv_fds(conn, 1, 250)  # the first chunk of fds, then it dies
 os.unlink(path)
 os._exit(1)
@@ -521,8 +529,10 @@ def test_a_successor_that_dies_mid_handoff_costs_nothing(deploy):
         old = deployment.stats()["pid"]
         park = deployment.park()
         park_fds = fds(park)
+        ident, key = deployment.credentials()
         dying = subprocess.Popen([sys.executable, "-c", DYING_SUCCESSOR,
-                                  str(deployment.rendezvous)], stdout=subprocess.PIPE)
+                                  str(deployment.rendezvous), str(servers.ROOT), ident,
+                                  key.decode()], stdout=subprocess.PIPE)
         assert dying.stdout.readline() == b"listening\n"
         publisher = Publisher(deployment)
         deployment.signal(signal.SIGTERM, old)  # replaced after it exits
@@ -596,7 +606,8 @@ def test_clients_that_leave_while_parked_are_dropped_and_the_rest_move(deploy):
     assert new["adopted"] == 6 and new["dropped_closed"] == 3
 
 
-def _give_plain(path: Path, count: int) -> tuple[int, list[socket.socket]]:
+def _give_plain(path: Path, count: int,
+                credentials: tuple[str, bytes]) -> tuple[int, list[socket.socket]]:
     """Give ``count`` socketpair ends to the worker at ``path`` as plain streams
     of ``GET /``; returns what it took and our ends."""
     ours, theirs = [], []
@@ -609,6 +620,7 @@ def _give_plain(path: Path, count: int) -> tuple[int, list[socket.socket]]:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(30)
             sock.connect(str(path))
+            transport.prove(sock, *credentials)
             taken = transport.give(sock, [s.fileno() for s in theirs], encode_batch(states))
     finally:
         for s in theirs:
@@ -623,7 +635,8 @@ def test_two_gives_at_once_to_one_worker_both_land(deploy):
     worker = deployment.listening()[0]
     path = rendezvous.worker_socket(deployment.rendezvous, worker)
     results: list = []
-    threads = [threading.Thread(target=lambda: results.append(_give_plain(path, 5)))
+    credentials = deployment.credentials()
+    threads = [threading.Thread(target=lambda: results.append(_give_plain(path, 5, credentials)))
                for _ in range(2)]
     for thread in threads:
         thread.start()
@@ -661,13 +674,16 @@ def test_bad_handoffs_are_refused_and_cost_nothing(deploy):
         a, b = socket.socketpair()
         message = bytearray(encode_batch([ConnectionState(0, "plain", "GET / HTTP/1.1")]))
         message[-3] ^= 0xFF
+        credentials = deployment.credentials()
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(park_path))
+            transport.prove(sock, *credentials)
             sock.sendall(b"G")
             with pytest.raises(HandoffError, match="corrupted payload"):
                 transport.give(sock, [b.fileno()], bytes(message))
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(park_path))
+            transport.prove(sock, *credentials)
             sock.sendall(b"G")
             socket.send_fds(sock, [b"F"], [b.fileno()])
             sock.sendall(b"E" + bytes(message[:20]))  # and then the giver is gone
@@ -682,6 +698,7 @@ def test_bad_handoffs_are_refused_and_cost_nothing(deploy):
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(30)
             sock.connect(str(rendezvous.worker_socket(deployment.rendezvous, worker)))
+            transport.prove(sock, *credentials)
             socket.send_fds(sock, [b"F"], [b.fileno()])
             wait_for(lambda: fds(worker) >= before[1] + 2, "the worker reading the give")
             deployment.signal(signal.SIGTERM, worker)

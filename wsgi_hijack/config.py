@@ -94,6 +94,29 @@ def redis_url() -> str | None:
     return url or None
 
 
+#: What a Redis key prefix may hold (as a channel name): no braces, so that
+#: a Cluster's hash tag stays the channel's, and no spaces.
+_PREFIX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
+
+
+def redis_prefix(db: int = 0) -> str:
+    """``WSGI_HIJACK_REDIS_PREFIX``: what every key, stream and pub/sub channel
+    of the Redis bus starts with, so that deployments sharing one Redis
+    never hear each other. Default ``wsgi_hijack:`` on db 0 (the keys of
+    earlier versions, kept), ``wsgi_hijack:<db>:`` on any other db: pub/sub
+    ignores the db number, so two deployments on two dbs would otherwise
+    receive each other's messages. On a Cluster (db 0 only) and whenever
+    several deployments share a db, give each its own. 1 to 64 characters
+    from ``A-Z a-z 0-9 _ . : -``."""
+    raw = os.environ.get("WSGI_HIJACK_REDIS_PREFIX")
+    if raw is None or raw == "":
+        return "wsgi_hijack:" if db == 0 else f"wsgi_hijack:{db}:"
+    if not 1 <= len(raw) <= 64 or not set(raw) <= _PREFIX_CHARS:
+        raise ValueError(f"WSGI_HIJACK_REDIS_PREFIX={raw!r}: expected 1 to 64 characters from "
+                         "A-Z a-z 0-9 _ . : -")
+    return raw
+
+
 def redis_min_replicas(url: str, environ: dict[str, str] | None = None) -> int:
     """Replicas that must have a message before its publish succeeds:
     ``WSGI_HIJACK_REDIS_MIN_REPLICAS``. Default 1 with Sentinel (so that a
@@ -185,10 +208,25 @@ def handoff_enabled() -> bool:
 
 
 def handoff_dir() -> str | None:
-    """``WSGI_HIJACK_HANDOFF_DIR``: where the workers and masters of one
-    deployment meet to move connections; default
-    ``/tmp/wsgi_hijack-<uid>-<port>`` (made ``0700``)."""
+    """``WSGI_HIJACK_HANDOFF_DIR``: the deployment's private directory, where
+    its workers and masters meet to move connections. Default: a new one
+    made ``0700`` by the master, with a random name
+    (``wsgi_hijack-<uid>-<deployment hash>-<random>``, under
+    ``$XDG_RUNTIME_DIR`` when that is this user's own, else the temporary
+    directory), inherited by everything the master starts. One named here
+    that another user owns, or that is open to others, is refused with a
+    warning and a private one made instead (:mod:`wsgi_hijack.handoff.rendezvous`)."""
     return os.environ.get("WSGI_HIJACK_HANDOFF_DIR", "").strip() or None
+
+
+def deployment() -> str | None:
+    """``WSGI_HIJACK_DEPLOYMENT``: what identifies this deployment, so that no
+    other deployment of the same user takes its connections at a restart.
+    Default: the sorted list of the addresses it binds (``127.0.0.1:8000``,
+    ``unix:/run/app.sock``); set it when the binds do not tell two
+    deployments apart (``fd://`` binds inherited from systemd, say). A
+    reload or a binary upgrade keeps the identity the first master took."""
+    return os.environ.get("WSGI_HIJACK_DEPLOYMENT", "").strip() or None
 
 
 def handoff_timeout() -> float:

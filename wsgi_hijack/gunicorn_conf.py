@@ -28,6 +28,7 @@ import os
 import resource
 import socket
 import tempfile
+from pathlib import Path
 
 bind = os.environ.get("WSGI_HIJACK_BIND", "127.0.0.1:8000")
 worker_class = "wsgi_hijack.workers.ggevent.GeventWorker"
@@ -65,7 +66,11 @@ def on_exit(server):
     if _handoff():
         from wsgi_hijack.handoff import master
 
-        master.stop(server)
+        master.stop(server)  # (and the private directory, if this was its last master)
+    elif os.environ.get("WSGI_HIJACK_HANDOFF_DIR"):
+        from wsgi_hijack.handoff import rendezvous
+
+        rendezvous.remove(Path(os.environ["WSGI_HIJACK_HANDOFF_DIR"]), "")
     if _own_metrics_dir and server.pid == os.getpid():
         import shutil
 
@@ -116,18 +121,35 @@ def _handoff() -> bool:
     return config.handoff_enabled()
 
 
-def _handoff_dir(server) -> None:
-    # One directory per deployment, named by its public port; the workers,
-    # the park and a binary upgrade's new master inherit it from here.
-    if os.environ.get("WSGI_HIJACK_HANDOFF_DIR"):
-        return
-    public = json.loads(os.environ.get("WSGI_HIJACK_PUBLIC_BIND") or "[]") or \
-        [addr for addr in server.cfg.address if isinstance(addr, tuple)]
-    port = public[0][1] if public else "unix"
-    os.environ["WSGI_HIJACK_HANDOFF_DIR"] = f"/tmp/wsgi_hijack-{os.getuid()}-{port}"
+def _private_dir(server) -> None:
+    # The deployment's private directory (0700, a random name nobody could
+    # make first), named after what identifies the deployment: its bound
+    # addresses, or WSGI_HIJACK_DEPLOYMENT. The handoff's sockets and
+    # gunicorn's own listening socket (with a worker per SO_REUSEPORT socket)
+    # live there; the workers, the park and a binary upgrade's new master
+    # inherit it from here (wsgi_hijack/handoff/rendezvous.py).
+    if _handoff() or _per_worker(server):
+        from wsgi_hijack.handoff import rendezvous
+
+        where = rendezvous.prepare(server.cfg.address)
+        server.log.info("deployment %r, private directory %s",
+                        os.environ["WSGI_HIJACK_DEPLOYMENT"], where)
+
+
+def _private_listeners(server) -> None:
+    # gunicorn binds a Unix socket with its umask (0 by default): 0777. Its
+    # socket in the private directory is nobody's business but ours: 0600.
+    where = os.environ.get("WSGI_HIJACK_HANDOFF_DIR")
+    for listener in getattr(server, "LISTENERS", []):
+        sock = getattr(listener, "sock", None)
+        if where and sock is not None and sock.family == socket.AF_UNIX:
+            name = os.fsdecode(sock.getsockname() or "")
+            if name and os.path.dirname(name) == where and os.path.exists(name):
+                os.chmod(name, 0o600)
 
 
 def when_ready(server):
+    _private_listeners(server)
     if _handoff():
         from wsgi_hijack.handoff import master
 
@@ -140,14 +162,15 @@ def on_starting(server):
     server.log.info("RLIMIT_NOFILE: soft %d, hard %d; soft now %d (each held "
                     "connection is one fd)", soft, hard, now)
     if redis_url:
-        from wsgi_hijack import redis_connect
+        from wsgi_hijack import config, redis_connect
 
         try:
             target = redis_connect.parse(redis_url)
+            prefix = config.redis_prefix(redis_connect.database(target))
         except ValueError as exc:
             raise SystemExit(f"wsgi_hijack: {exc}") from None
         os.environ["WSGI_HIJACK_REDIS_URL"] = redis_url  # inherited by the workers
-        server.log.info("bus: Redis, %s", target.describe())
+        server.log.info("bus: Redis, %s, keys and channels under %r", target.describe(), prefix)
     elif server.cfg.workers > 1 and os.environ.get("WSGI_HIJACK_ALLOW_LOCAL_BUS") != "1":
         # Each worker would have its own bus: a publish would reach only the
         # clients of the worker that took the POST. Refuse rather than lose.
@@ -155,10 +178,9 @@ def on_starting(server):
             f"wsgi_hijack: {server.cfg.workers} workers need a cross-worker bus: set "
             "WSGI_HIJACK_REDIS_URL (or redis_url in gunicorn.conf.py). If your app never "
             "publishes, set WSGI_HIJACK_ALLOW_LOCAL_BUS=1.")
+    _private_dir(server)
     _listen_per_worker(server)
     _keep_listening_per_worker(server)
-    if _handoff():
-        _handoff_dir(server)
 
 
 # Spreading connections evenly over workers. gunicorn's workers share one
@@ -173,14 +195,22 @@ def on_starting(server):
 reuse_port_per_worker = os.environ.get("WSGI_HIJACK_REUSEPORT", "1") != "0"
 
 
+def _per_worker(server) -> bool:
+    return server.cfg.workers >= 2 and reuse_port_per_worker and \
+        any(isinstance(addr, tuple) for addr in server.cfg.address)
+
+
 def _listen_per_worker(server):
-    if server.cfg.workers < 2 or not reuse_port_per_worker:
+    if not _per_worker(server):
         return
+    from wsgi_hijack.handoff import rendezvous
+
     public = [addr for addr in server.cfg.address if isinstance(addr, tuple)]
-    if not public:
-        return
     others = [b for b in server.cfg.bind if not _is_tcp(b)]
-    private = f"unix:{tempfile.gettempdir()}/wsgi_hijack-{os.getpid()}.sock"
+    # In the deployment's private directory (0700), not at a name in /tmp
+    # that another user could take first; 0600 once bound (when_ready).
+    where = rendezvous.prepare(server.cfg.address)
+    private = f"unix:{rendezvous.listen_socket(where, os.getpid())}"
     os.environ["WSGI_HIJACK_PUBLIC_BIND"] = json.dumps(public)
     server.cfg.set("bind", [private, *others])
     server.log.info("each worker listens on %s with SO_REUSEPORT; gunicorn's shared "

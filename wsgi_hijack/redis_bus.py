@@ -177,7 +177,7 @@ def publish_and_wait(client: Any, script: str, sha: str, keys: tuple, args: tupl
 class RedisBus(ScriptPublishing):
     """A bus shared by every worker and host connected to the same Redis."""
 
-    def __init__(self, url: str, prefix: str = "wsgi_hijack:", history_size: int | None = None,
+    def __init__(self, url: str, prefix: str | None = None, history_size: int | None = None,
                  history_age: float | None = None, max_message: int | None = None) -> None:
         if redis is None:
             raise RuntimeError("the Redis bus needs redis-py: pip install 'wsgi_hijack[redis]'")
@@ -188,7 +188,9 @@ class RedisBus(ScriptPublishing):
         self.url = self.target.describe()
         self.min_replicas = config.redis_min_replicas(url)
         self.replica_timeout_ms = max(1, int(config.redis_replica_timeout() * 1000))
-        self.prefix = prefix
+        #: What every key and pub/sub channel starts with (WSGI_HIJACK_REDIS_PREFIX).
+        self.prefix = config.redis_prefix(redis_connect.database(self.target)) \
+            if prefix is None else prefix
         self.history_size = history_size or config.history_size()
         self.history_age = history_age or config.history_age()
         self.max_message = max_message or config.max_message()

@@ -89,7 +89,7 @@ class RedisClusterBus(ScriptPublishing):
     confirms_subscriptions = True
     ids_per_channel = True
 
-    def __init__(self, url: str, prefix: str = "wsgi_hijack:", history_size: int | None = None,
+    def __init__(self, url: str, prefix: str | None = None, history_size: int | None = None,
                  history_age: float | None = None, max_message: int | None = None) -> None:
         if redis is None:
             raise RuntimeError("the Redis bus needs redis-py: pip install 'wsgi_hijack[redis]'")
@@ -97,7 +97,8 @@ class RedisClusterBus(ScriptPublishing):
         if self.target.kind != "cluster":
             raise ValueError(f"{self.target.describe()} is not a redis+cluster:// URL")
         self.url = self.target.describe()
-        self.prefix = prefix
+        #: What every key and pub/sub channel starts with (WSGI_HIJACK_REDIS_PREFIX).
+        self.prefix = config.redis_prefix(0) if prefix is None else prefix
         self.history_size = history_size or config.history_size()
         self.history_age = history_age or config.history_age()
         self.max_message = max_message or config.max_message()

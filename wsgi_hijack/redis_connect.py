@@ -104,6 +104,16 @@ def parse(url: str) -> RedisTarget:
                        options)
 
 
+def database(target: RedisTarget) -> int:
+    """The db number the bus uses (for a one-server URL, redis-py's own
+    reading of it: ``/1``, ``?db=1``); a Cluster's is 0."""
+    if target.kind != "single":
+        return target.db
+    from redis.connection import parse_url
+
+    return int(parse_url(target.url).get("db") or 0)
+
+
 def connect(target: RedisTarget) -> Any:
     """A redis-py client for ``target``: ``Redis`` (one server, or the primary
     of a Sentinel set, found again on each reconnect) or ``RedisCluster``."""

@@ -31,36 +31,41 @@ def start(server: Any) -> None:
     """Start this master's park and watch for its shutdown; from ``when_ready``."""
     global _park
     try:
-        where = rendezvous.directory(None)
+        where = rendezvous.directory()
+        ident = rendezvous.deployment(where, create=True).ident
     except rendezvous.RendezvousError as exc:
         server.log.error("handoff off, held connections say goodbye at restarts: %s", exc)
         return
     rendezvous.prune(where)
     master = os.getpid()
     rendezvous.unmark(rendezvous.stopping(where, master))
-    rendezvous.write_workers(where, master, server.num_workers)
+    rendezvous.write_workers(where, master, server.num_workers, ident)
     _park = subprocess.Popen([sys.executable, "-m", "wsgi_hijack.handoff.park", str(where),
                               str(master)], stdin=subprocess.DEVNULL, close_fds=True)
     _wait_for(rendezvous.park_socket(where, master), 10.0)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         _mark_first(sig, where, master)
     server.log.info("handoff: held connections move to the new workers on reload and "
-                    "recycle (park pid %d, in %s)", _park.pid, where)
+                    "recycle (park pid %d, in %s, deployment %s)", _park.pid, where, ident)
 
 
 def workers_changed(server: Any) -> None:
     """From ``on_reload``: the park spreads over as many workers as now run."""
     if _park is not None:
-        rendezvous.write_workers(rendezvous.directory(None), os.getpid(), server.num_workers)
+        where = rendezvous.directory()
+        rendezvous.write_workers(where, os.getpid(), server.num_workers,
+                                 rendezvous.deployment(where).ident)
 
 
 def stop(server: Any) -> None:
     """From ``on_exit``: the park gives on what it still holds (to another
-    master's workers, in a binary upgrade) or says its goodbye, then ends."""
+    master's workers, in a binary upgrade) or says its goodbye, then ends.
+    The last master of the deployment removes its key (and the directory it
+    made)."""
     global _park
     if _park is None:
         return
-    where = rendezvous.directory(None)
+    where = rendezvous.directory()
     rendezvous.mark(rendezvous.stopping(where, os.getpid()))
     _park.terminate()  # it ends once it holds nothing
     try:
@@ -71,6 +76,7 @@ def stop(server: Any) -> None:
     for path in (rendezvous.stopping(where, os.getpid()),
                  where / f"master-{os.getpid()}.json"):
         rendezvous.unmark(path)
+    rendezvous.remove(where, rendezvous.deployment(where).ident)
 
 
 def _mark_first(sig: int, where: Path, master: int) -> None:

@@ -6,8 +6,9 @@ are forked first and the old ones told to stop at once, while the new ones
 may still be booting; on a recycle (``max_requests``, or a worker that
 exits) the old one exits first and its replacement is forked after. In both
 a departing worker gives its connections here, and the park gives them on
-as soon as successors listen: the live workers of this user that started
-after the giver (:func:`.successors.successors`), spread evenly over as many
+as soon as successors listen: the live workers of this deployment that
+started after the giver (:func:`.successors.successors`), each once it has
+proved that it belongs to the deployment, spread evenly over as many
 as the master runs (or over those there are, once they have been there for
 :data:`SETTLE` seconds). Past ``WSGI_HIJACK_HANDOFF_TIMEOUT`` the rest get
 their goodbye, and their clients reconnect and replay.
@@ -15,7 +16,8 @@ their goodbye, and their clients reconnect and replay.
 It is a process of its own, started by the master (``when_ready``), not a
 thread in it: the master forks workers, and a fork would copy every parked
 fd into the new worker, which would then keep clients open that nobody
-serves. It answers:
+serves. It answers, once the process that connects has proved it belongs to the
+deployment (:func:`.transport.expect`):
 
 - ``G`` then a give (:mod:`.transport`): a departing worker's connections.
   While the master is stopping, they can go only to another master's
@@ -48,7 +50,7 @@ from pathlib import Path
 from .. import config
 from . import rendezvous, transport
 from .codec import ConnectionState, HandoffError, decode_batch, encode_batch
-from .successors import parent, spread, successors
+from .successors import parent, spread, start_time, successors
 
 log = logging.getLogger("wsgi_hijack.handoff.park")
 
@@ -77,6 +79,10 @@ class Park:
     def __init__(self, where: Path, master: int) -> None:
         self.where = where
         self.master = master
+        self.deployment = rendezvous.deployment(where)
+        #: Workers here that failed to prove they belong to this deployment:
+        #: never offered anything again.
+        self.strangers: set[tuple[int, int | None]] = set()
         self.parked: list[Parked] = []
         self.bus_state: dict | None = None
         #: Connections given on so far (where the next spread starts).
@@ -91,7 +97,8 @@ class Park:
 
     def other_masters(self) -> bool:
         own = rendezvous.park_socket(self.where, self.master)
-        return any(path != own for path in rendezvous.parks(self.where))
+        return any(path != own for path in rendezvous.parks(self.where,
+                                                             self.deployment.ident))
 
     def run(self) -> None:
         try:
@@ -112,7 +119,7 @@ class Park:
     def _answer(self, conn: socket.socket) -> None:
         conn.settimeout(30.0)
         try:
-            giver = transport.check_peer(conn)
+            giver = transport.expect(conn, self.deployment.ident, self.deployment.key)
             kind = conn.recv(1)
             if kind == b"B":
                 state, self.bus_state = self.bus_state, None
@@ -164,8 +171,10 @@ class Park:
 
     def _give_on(self, batch: Parked, now: float) -> None:
         stopping = self.stopping  # then only another master's workers take them
+        ident = self.deployment.ident
         takers = [(pid, path) for pid, path in successors(self.where, batch.giver)
-                  if now - batch.failed.get(pid, -RETRY) >= RETRY
+                  if (pid, start_time(pid)) not in self.strangers
+                  and now - batch.failed.get(pid, -RETRY) >= RETRY
                   and not (stopping and parent(pid) == self.master)]
         if not takers:
             return
@@ -189,6 +198,11 @@ class Park:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                     sock.settimeout(60.0)
                     sock.connect(str(path))
+                    try:
+                        transport.prove(sock, ident, self.deployment.key)
+                    except HandoffError as exc:
+                        self.strangers.add((pid, start_time(pid)))
+                        raise HandoffError(f"not a worker of this deployment ({exc})") from None
                     transport.give(sock, fds, encode_batch(states))
             except (OSError, HandoffError) as exc:
                 log.warning("park: pid %d did not take %d connections: %s", pid, len(fds), exc)

@@ -8,6 +8,12 @@ One exchange, started by the process that gives its connections away:
 2. the encoded batch (:mod:`.codec`), which names each fd by its index;
 3. the answer: ``A`` and the count taken, or ``R`` and the reason.
 
+Before anything else on a connection, the connecting process proves it
+belongs to the same deployment as the one it connects to, and the other
+way round (:func:`prove`, :func:`expect`): a challenge-response on the
+deployment's secret (HMAC-SHA256, a fresh nonce from each side), which the
+processes of other deployments, even of the same user, do not have.
+
 The giver keeps its own copies of the fds until the answer: if the taker
 dies or refuses, the giver still holds every connection and says its
 goodbye (the clients reconnect and replay; nothing is lost). A taker that
@@ -20,6 +26,8 @@ made ``0600``, and each side checks its peer's credentials
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import resource
 import socket
@@ -32,6 +40,9 @@ from .codec import HEADER_SIZE, HandoffError, payload_size
 FDS_PER_CHUNK = 250
 _CRED = struct.Struct("3i")  # pid, uid, gid
 _COUNT = struct.Struct("!I")
+_NONCE = 16
+_IDENT = 16  # hex characters of a deployment's ident
+_MAC = hashlib.sha256().digest_size
 
 
 def listen(path: str | Path, backlog: int = 16) -> socket.socket:
@@ -145,3 +156,53 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+
+
+def expect(sock: socket.socket, ident: str, key: bytes) -> int:
+    """The accepting side: the peer must prove it has deployment ``ident``'s
+    ``key``; then this side proves it too. Returns the peer's pid. A peer
+    that fails is told why (``R``) and HandoffError raised."""
+    pid = check_peer(sock)
+    challenge = os.urandom(_NONCE)
+    sock.sendall(b"D" + challenge)
+    answer = recv_exactly(sock, _IDENT + _NONCE + _MAC)
+    theirs, nonce, proof = answer[:_IDENT], answer[_IDENT:_IDENT + _NONCE], \
+        answer[_IDENT + _NONCE:]
+    if theirs != ident.encode("ascii"):
+        reason = (f"pid {pid} belongs to deployment {theirs.decode('ascii', 'replace')!r}, "
+                  f"not {ident!r}: refused")
+    elif not hmac.compare_digest(proof, _mac(key, b"join", challenge, nonce)):
+        reason = f"pid {pid} did not prove it belongs to deployment {ident!r}: refused"
+    else:
+        sock.sendall(b"K" + _mac(key, b"welcome", nonce, challenge))
+        return pid
+    refuse(sock, reason)
+    raise HandoffError(reason)
+
+
+def prove(sock: socket.socket, ident: str, key: bytes) -> int:
+    """The connecting side of :func:`expect`: prove this process has
+    deployment ``ident``'s ``key``, and check that the peer has it too.
+    Returns the peer's pid; HandoffError if either proof fails."""
+    pid = check_peer(sock)
+    kind = recv_exactly(sock, 1)
+    if kind == b"R":
+        size = _COUNT.unpack(recv_exactly(sock, _COUNT.size))[0]
+        raise HandoffError("refused: " + recv_exactly(sock, size).decode("utf-8", "replace"))
+    if kind != b"D":
+        raise HandoffError(f"pid {pid} answered {kind!r}, not a deployment's challenge")
+    challenge = recv_exactly(sock, _NONCE)
+    nonce = os.urandom(_NONCE)
+    sock.sendall(ident.encode("ascii") + nonce + _mac(key, b"join", challenge, nonce))
+    kind = recv_exactly(sock, 1)
+    if kind == b"R":
+        size = _COUNT.unpack(recv_exactly(sock, _COUNT.size))[0]
+        raise HandoffError(recv_exactly(sock, size).decode("utf-8", "replace"))
+    if kind != b"K" or not hmac.compare_digest(recv_exactly(sock, _MAC),
+                                               _mac(key, b"welcome", nonce, challenge)):
+        raise HandoffError(f"pid {pid} did not prove it belongs to deployment {ident!r}")
+    return pid

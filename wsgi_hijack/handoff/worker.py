@@ -3,7 +3,9 @@
 - :func:`start` (``post_worker_init``): with the in-process bus and one
   worker, first take the predecessor's bus (its history and id counter) so
   that ids go on increasing: until then this worker accepts nothing. Then
-  listen on ``worker-<pid>.sock`` and take what the park gives.
+  listen on ``worker-<pid>.sock`` and take what the park gives, once the
+  park has proved it belongs to this worker's deployment (and this worker
+  to the park: :func:`.transport.expect`).
 - Each connection taken is run through the app again (:func:`resume`): an
   environ rebuilt from its request line, with its state under
   ``environ["wsgi_hijack.resume"]``. The app's route runs in this worker's
@@ -50,8 +52,9 @@ _LENGTH = struct.Struct("!I")
 class _Worker:
     """This process's handoff: its directory, listener, and whether it leaves."""
 
-    def __init__(self, where: Path, single: bool) -> None:
+    def __init__(self, where: Path, single: bool, deployment: rendezvous.Deployment) -> None:
         self.where = where
+        self.deployment = deployment
         self.single = single
         self.listener: socket.socket | None = None
         self.leaving = False
@@ -67,26 +70,29 @@ def start(app: Callable, workers: int, notify: Callable[[], None] = lambda: None
     from ..reactor import get_reactor
 
     try:
-        where = rendezvous.directory(None)
+        where = rendezvous.directory()
+        deployment = rendezvous.deployment(where)
     except rendezvous.RendezvousError as exc:
         log.error("held connections will say goodbye at restarts: %s", exc)
         get_reactor()
         return
-    this = _this = _Worker(where, workers == 1)
+    this = _this = _Worker(where, workers == 1, deployment)
     bus = get_bus()
     if this.single and isinstance(bus, InProcessBus):
-        _take_bus(where, bus, notify)
+        _take_bus(this, bus, notify)
     get_reactor()
     this.listener = transport.listen(rendezvous.worker_socket(where, os.getpid()))
     gevent.spawn(_serve, this, app)
 
 
-def _take_bus(where: Path, bus: InProcessBus, notify: Callable[[], None]) -> None:
-    """Wait for an older worker's bus, while one is alive; at most the handoff timeout."""
+def _take_bus(this: _Worker, bus: InProcessBus, notify: Callable[[], None]) -> None:
+    """Wait for an older worker's bus (of this deployment), while one is
+    alive; at most the handoff timeout."""
     deadline = time.monotonic() + config.handoff_timeout()
+    where, ident = this.where, this.deployment.ident
     while True:
-        for park in rendezvous.parks(where):
-            state = _ask_bus(park)
+        for park in rendezvous.parks(where, ident):
+            state = _ask_bus(park, this.deployment)
             if state is not None:
                 try:
                     bus.restore(state)
@@ -94,7 +100,7 @@ def _take_bus(where: Path, bus: InProcessBus, notify: Callable[[], None]) -> Non
                 except ValueError as exc:
                     log.error("the predecessor's bus state is refused: %s", exc)
                 return
-        if not rendezvous.older_workers(where, os.getpid()):
+        if not rendezvous.older_workers(where, os.getpid(), ident):
             return
         if time.monotonic() > deadline:
             log.warning("no bus state from the older worker within %.3g s: ids start "
@@ -104,12 +110,12 @@ def _take_bus(where: Path, bus: InProcessBus, notify: Callable[[], None]) -> Non
         gevent.sleep(0.05)
 
 
-def _ask_bus(park: Path) -> dict | None:
+def _ask_bus(park: Path, deployment: rendezvous.Deployment) -> dict | None:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10.0)
             sock.connect(str(park))
-            transport.check_peer(sock)
+            transport.prove(sock, deployment.ident, deployment.key)
             sock.sendall(b"B")
             kind = transport.recv_exactly(sock, 1)
             if kind != b"S":
@@ -140,6 +146,7 @@ def _take(this: _Worker, app: Callable, conn: socket.socket) -> None:
     with conn, this.lock:
         conn.settimeout(60.0)
         try:
+            transport.expect(conn, this.deployment.ident, this.deployment.key)
             fds, message = transport.take(conn, transport.fd_room())
         except (OSError, HandoffError) as exc:
             log.warning("a handoff to this worker failed: %s", exc)
@@ -243,7 +250,8 @@ def leave(reactor: Any) -> int:
     try:
         own_park = [park]
         nobody = rendezvous.stopping(this.where, master).exists() and \
-            not [p for p in rendezvous.parks(this.where) if p not in own_park]
+            not [p for p in rendezvous.parks(this.where, this.deployment.ident)
+                 if p not in own_park]
         if nobody or not park.exists():  # a shutdown: no successor will come
             reactor.close(goodbye=True)
             return 0
@@ -257,6 +265,7 @@ def leave(reactor: Any) -> int:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                     sock.settimeout(60.0)
                     sock.connect(str(park))
+                    transport.prove(sock, this.deployment.ident, this.deployment.key)
                     sock.sendall(b"G")
                     taken = transport.give(sock, [c.fd for c in conns],
                                            encode_batch(states, meta))
