@@ -218,8 +218,12 @@ class Server:
 
 
 def argv_for(kind: str, port: int, app: str = "wsgi_hijack:app",
-             args: Sequence[str] = (), config: Path | str = GUNICORN_CONF) -> list[str]:
-    """The command line of a server ``kind`` on ``port`` serving ``app``.
+             args: Sequence[str] = (), config: Path | str = GUNICORN_CONF,
+             tls: tuple[Path, Path] | None = None) -> list[str]:
+    """The command line of a server ``kind`` on ``port`` serving ``app``;
+    HTTPS with ``tls`` (a certificate and its key, :func:`harness.tls.make_certificate`):
+    gunicorn's ``--certfile``/``--keyfile``, pywsgi's and Werkzeug's own
+    arguments (``harness/wsgi_server.py``), uWSGI's ``--https-socket``.
 
     - ``gunicorn``: with the project's settings (``config``: its workers, the
       lobby, SO_REUSEPORT per worker; or ``python:wsgi_hijack.gunicorn_conf``);
@@ -234,6 +238,12 @@ def argv_for(kind: str, port: int, app: str = "wsgi_hijack:app",
 
     ``args`` go before the app."""
     bind = f"{wire.HOST}:{port}"
+    if tls is not None and kind.startswith("gunicorn"):
+        args = ("--certfile", str(tls[0]), "--keyfile", str(tls[1]), *args)
+    elif tls is not None and kind in SCRIPT_KINDS:
+        args = (str(tls[0]), str(tls[1]), *args)
+    elif tls is not None and kind != "uwsgi":
+        raise ValueError(f"no TLS for server kind {kind!r}")
     if kind in ("gunicorn", "gunicorn-script"):
         # gunicorn-script: the console script, as operators run it. A binary
         # upgrade (USR2) executes the master's argv again, and ``python -m
@@ -250,6 +260,8 @@ def argv_for(kind: str, port: int, app: str = "wsgi_hijack:app",
         return [sys.executable, str(WSGI_SERVER), kind, str(port), app, *args]
     if kind in ("uwsgi", "uwsgi-router"):
         listen = "--http" if kind == "uwsgi-router" else "--http-socket"
+        if tls is not None:
+            listen, bind = "--https-socket", f"{bind},{tls[0]},{tls[1]}"
         return [UWSGI, listen, bind, "--module", app, "--master", "--processes", "1",
                 "--enable-threads", "--die-on-term", "--need-app", "--pythonpath", str(ROOT),
                 *args]
@@ -263,8 +275,11 @@ def argv_for(kind: str, port: int, app: str = "wsgi_hijack:app",
 def start(kind: str, log_dir: Path, app: str = "wsgi_hijack:app", args: Sequence[str] = (),
           env: dict | None = None, heartbeat: float | None = None, nofile: int | None = None,
           soft_nofile: int | None = None, port: int | None = None, root: Path = ROOT,
-          config: Path | str | None = None, **options) -> Server:
-    """Start a server of ``kind`` (see :func:`argv_for`) on a free port.
+          config: Path | str | None = None, tls: tuple[Path, Path] | None = None,
+          **options) -> Server:
+    """Start a server of ``kind`` (see :func:`argv_for`) on a free port;
+    HTTPS with ``tls``, (certificate, key), ready once it answers a request
+    over TLS (:func:`harness.tls.answers_https`).
 
     ``env`` is added to :func:`server_env`; ``nofile`` sets the server's own
     fd limit, soft and hard (through ``bash -c 'ulimit -n'``), ``soft_nofile``
@@ -277,7 +292,11 @@ def start(kind: str, log_dir: Path, app: str = "wsgi_hijack:app", args: Sequence
     itself, so ``gunicorn-plain`` runs in ``log_dir``; Puma runs next to its
     config file."""
     port = free_port() if port is None else port
-    argv = argv_for(kind, port, app, args, config=config or root / "gunicorn.conf.py")
+    argv = argv_for(kind, port, app, args, config=config or root / "gunicorn.conf.py", tls=tls)
+    if tls is not None:
+        from .tls import answers_https
+
+        options.setdefault("ready", answers_https)
     cwd = root
     if kind == "gunicorn-plain":
         cwd = log_dir

@@ -19,8 +19,12 @@ import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from harness.wire import Closed
+from harness.wire import HOST, Closed
+
+if TYPE_CHECKING:
+    from harness.servers import Server
 
 _READ = 65536
 
@@ -98,6 +102,25 @@ def assert_no_plaintext(wire: bytes | bytearray, markers: Iterable[bytes]) -> No
             found.append(f"{marker!r} at offset {at}: ...{context!r}...")
     assert not found, (f"plaintext on a TLS connection ({len(raw)} raw bytes):\n  "
                        + "\n  ".join(found))
+
+
+def answers_https(server: Server) -> bool:
+    """Ready when a request over TLS gets a status line (the readiness check
+    of :func:`harness.servers.start` with ``tls``). A TCP connect would not
+    do: a gunicorn master accepts before its worker runs, and a connection
+    closed in the middle of a handshake is an error in some servers' logs.
+    The answer is read to its end and closed with a close_notify, so the
+    server sees an ordinary client."""
+    with WireTLSClient(HOST, server.port, verify=False, timeout=2) as client:
+        client.handshake()
+        client.send(b"GET /wsgi-hijack-ready HTTP/1.0\r\n\r\n")
+        answered = client.read_until(b"\r\n").startswith(b"HTTP/")
+        try:
+            client.read_to_close(timeout=2)
+            client.send_close_notify()
+        except OSError:  # the server closed first, or an app that streams on every path
+            pass
+        return answered
 
 
 class WireTLSClient:

@@ -29,11 +29,11 @@ from . import config
 from .bus import BusUnavailable, PublishError, publish
 from .demo_publish import may_publish
 from .demo_ws import ws_route
-from .hijack import HijackMiddleware, partial_hijack
+from .hijack import HijackMiddleware, is_hijackable, partial_hijack
 from .protocols.plain import HEAD_HEADERS, PlainStream
 from .reactor import get_reactor
 from .streams import (
-    HIJACK_SERVERS,
+    _unhijackable,
     chunked_response,
     json_response,
     long_poll_response,
@@ -83,12 +83,8 @@ def _chunked(environ: dict) -> bool:
 
 
 def _beep(environ: dict, start_response) -> Iterable[bytes]:
-    if not environ.get("wsgi_hijack.hijackable"):
-        logging.getLogger("wsgi_hijack").warning(
-            "GET / needs a server that can hijack: %s", HIJACK_SERVERS)
-        return plain_response(start_response, "501 Not Implemented",
-                              "this server cannot hand connections to the reactor; "
-                              f"run under {HIJACK_SERVERS}\n")
+    if not is_hijackable(environ):  # the 501 of every stream, with the server's reason
+        return _unhijackable(environ, start_response, "GET / (the BEEP stream)")
     reactor = get_reactor()
     start_response("200 OK", list(HEAD_HEADERS))
     return partial_hijack(environ, lambda sock: reactor.hold(sock, BEEP))

@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+from .adapters.base import WHY_NOT
 from .bus import PublishError, check_channel, get_bus
 from .bus.positions import Position, parse_position
 from .hijack import full_hijack, is_hijackable, partial_hijack
@@ -85,11 +86,23 @@ def check_channels(channels: Iterable[str]) -> tuple[str, ...]:
         raise BadRequest(str(exc)) from None
 
 
-def _unhijackable(start_response, what: str) -> list[bytes]:
-    log.warning("%s needs a server that can hijack: %s", what, HIJACK_SERVERS)
+def why_not_hijackable(environ: dict) -> str:
+    """Why this request's connection cannot go to the reactor, for the client
+    and the log: the reason of the adapter that knew the server (a TLS
+    connection, uWSGI without threads...) says what to change; else no
+    adapter knows this server, and the answer names those that work."""
+    return environ.get(WHY_NOT) or (
+        f"it cannot hand connections to the reactor; run under {HIJACK_SERVERS}")
+
+
+def _unhijackable(environ: dict, start_response, what: str) -> list[bytes]:
+    """The ``501`` for a stream on a connection that cannot be hijacked, with
+    the reason in the body: an ordinary response, which the server writes
+    through its own socket (encrypted on a TLS connection)."""
+    reason = why_not_hijackable(environ)
+    log.warning("%s needs a server that can hijack: %s", what, reason)
     return plain_response(start_response, "501 Not Implemented",
-                          f"{what} is not available on this server: it cannot hand "
-                          "connections to the reactor\n")
+                          f"{what} is not available on this server: {reason}\n")
 
 
 def _bad(start_response, exc: BadRequest) -> list[bytes]:
@@ -125,7 +138,7 @@ def _last_id(environ: dict, last_id: int | str | None) -> Position | None:
 def _hold_stream(environ: dict, start_response, what: str, protocol, head: list,
                  channels: tuple[str, ...], last_id: Position | None) -> list[bytes]:
     if not is_hijackable(environ):
-        return _unhijackable(start_response, what)
+        return _unhijackable(environ, start_response, what)
     reactor = get_reactor()
     start_response("200 OK", list(head))
     return partial_hijack(environ, lambda sock: reactor.hold(
@@ -163,7 +176,7 @@ def long_poll_response(environ: dict, start_response, channels: Iterable[str],
     except BadRequest as exc:
         return _bad(start_response, exc)
     if not is_hijackable(environ):
-        return _unhijackable(start_response, "long-poll")
+        return _unhijackable(environ, start_response, "long-poll")
     reactor = get_reactor()
     sock = full_hijack(environ)  # the head is written with the answer, not before
     reactor.hold(sock, LONG_POLL, channels=channels, last_id=since,

@@ -354,7 +354,7 @@ def websocket_response(environ: dict, start_response, channels: Iterable[str] = 
                               f"origin {environ.get('HTTP_ORIGIN')!r} is not allowed\n")
     subprotocol = choose_subprotocol(environ, subprotocols, select_subprotocol)
     if not is_hijackable(environ):
-        return _unhijackable(start_response, "WebSocket")
+        return _unhijackable(environ, start_response, "WebSocket")
     endpoint = _endpoint(on_message, max_message, pong_timeout, envelope)
     reactor = get_reactor()
     accept = generate_accept_token(key.encode("ascii")).decode("ascii")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ServerConnection
+from .base import WHY_NOT, ServerConnection
 from .gunicorn_gevent import GunicornGeventConnection
 from .gunicorn_threads import GunicornThreadConnection
 from .pywsgi import PyWSGIConnection
@@ -31,6 +31,8 @@ def detect(environ: dict, start_response: Any) -> ServerConnection | None:
         conn = adapter.detect(environ, start_response)
         if conn is not None:
             return conn
+        if WHY_NOT in environ:  # the adapter that knew this server has said why not;
+            return None  # a later one must not put its own reason over it
     return None
 
 

@@ -36,6 +36,17 @@ def decline(environ: dict, reason: str) -> None:
         log.warning("wsgi_hijack: connections cannot be hijacked here: %s", reason)
 
 
+def decline_tls(environ: dict, server: str) -> None:
+    """Decline a TLS connection on ``server``, a server that keeps the
+    connection's TLS state in its own socket object (or in C): the fd alone
+    would carry the reactor's writes in clear text on a connection the client
+    believes encrypted. The reason names the two ways to get TLS streams."""
+    decline(environ, f"this is a TLS connection on {server}, which cannot hand TLS to the "
+            "reactor: run gunicorn with -k wsgi_hijack.workers.ggevent.GeventWorker "
+            "(-c python:wsgi_hijack.gunicorn_conf), which holds TLS streams, or terminate "
+            "TLS at a proxy in front (docs/tls.rst)")
+
+
 class ServerConnection:
     """One request's client connection on one kind of server."""
 

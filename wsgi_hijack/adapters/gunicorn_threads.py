@@ -4,8 +4,10 @@ OS threads, with no gevent and no monkeypatching.
 Where they keep things:
 
 - the socket is ``environ["gunicorn.socket"]``, a plain blocking stdlib
-  socket (an ``ssl.SSLSocket`` under TLS: not hijackable, the reactor writes
-  clear bytes);
+  socket; under TLS (``certfile``) an ``ssl.SSLSocket``, whose TLS state
+  cannot leave it: the fd alone would carry the reactor's writes in clear
+  text, so TLS connections are declined (:func:`.base.decline_tls`) and the
+  stream helpers answer ``501`` with the reason, through the worker's TLS;
 - bytes read past the head sit in the parser's ``Unreader`` and the
   ``Body``'s buffer, as under the gevent worker (:mod:`.gunicorn_common`);
 - after the app returns, ``handle_request`` writes the head unless
@@ -39,9 +41,10 @@ hub of its own thread (:func:`wsgi_hijack.reactor.get_reactor`).
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
-from .base import swap_out
+from .base import decline_tls, swap_out
 from .gunicorn_common import GunicornConnection, take_read_ahead
 
 
@@ -57,6 +60,13 @@ class GunicornThreadConnection(GunicornConnection):
         # Exactly a stdlib stream socket: a gevent socket belongs to the gevent
         # worker, an SSLSocket carries TLS the reactor cannot speak.
         return type(sock) is socket.socket and sock.type == socket.SOCK_STREAM
+
+    @classmethod
+    def detect(cls, environ: dict, start_response: Any) -> GunicornThreadConnection | None:
+        if isinstance(environ.get("gunicorn.socket"), ssl.SSLSocket):
+            worker = "gthread" if environ.get("wsgi.multithread") else "sync"
+            return decline_tls(environ, f"gunicorn's {worker} worker")
+        return super().detect(environ, start_response)  # type: ignore[return-value]
 
     def take(self) -> tuple[socket.socket, bytes]:
         pending = take_read_ahead(self.environ)

@@ -15,17 +15,27 @@ Where it keeps things:
 So: never pass ``start_response`` on (the middleware holds it back), drain the
 reader's buffer without blocking, ``detach()`` the fd, mark the body as read,
 set ``close_connection``, and return an empty body.
+
+Not under TLS (``WSGIServer(..., certfile=, keyfile=)`` or ``ssl_context=``,
+gunicorn's ``gevent_pywsgi`` with ``certfile``): the handler's socket is then
+a ``gevent.ssl.SSLSocket``, which is a gevent socket too, but its TLS state
+lives in that object. The fd taken from under it would carry the reactor's
+writes in clear text on a connection the client believes encrypted, so the
+connection is declined (:func:`.base.decline_tls`) and the stream helpers
+answer ``501`` with the reason, through pywsgi's own TLS socket.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 import gevent.socket
+import gevent.ssl
 from gevent import pywsgi
 
-from .base import ServerConnection, drain_buffered
+from .base import ServerConnection, decline_tls, drain_buffered
 
 
 class PyWSGIConnection(ServerConnection):
@@ -54,6 +64,8 @@ class PyWSGIConnection(ServerConnection):
             else:
                 return None
             sock = getattr(getattr(rfile, "raw", None), "_sock", None)
+        if isinstance(sock, (gevent.ssl.SSLSocket, ssl.SSLSocket)):
+            return decline_tls(environ, "gevent.pywsgi")
         if not isinstance(sock, gevent.socket.socket):
             return None
         return cls(environ, handler, rfile, sock)

@@ -29,29 +29,30 @@ reactor's thread would not run while the worker waits in ``accept``; behind
 uWSGI's own ``--http`` router or on a ``--socket`` (uwsgi protocol) the fd
 is a connection to the router or a web server, not to the client; under TLS
 (``--https-socket``); and for requests with a body, as said above. The reason
-is logged once per process.
+is logged once per process and recorded for the ``501`` answer
+(:func:`.base.decline`).
+
+TLS (``--https-socket``, which the pip-built uWSGI has when OpenSSL's
+headers were there at build time: ``scripts/test.sh`` installs
+``libssl-dev`` first): uWSGI keeps the TLS session in C, out of Python's
+reach, and ``uwsgi.connection_fd()`` is the bare TCP fd under it. A hijack
+would put the reactor's writes on it in clear text, so a request that came
+over TLS (uWSGI sets ``HTTPS=on``) is declined first, whatever else the
+worker serves, with a reason that says where TLS streams work; the ``501``
+goes through uWSGI's own TLS.
 """
 
 from __future__ import annotations
 
-import logging
 import socket
 import sys
 from typing import Any
 
-from .base import ServerConnection, swap_out
-
-log = logging.getLogger("wsgi_hijack")
+from .base import WHY_NOT, ServerConnection, decline, decline_tls, swap_out
 
 _ROUTED = ("http", "https", "socket", "uwsgi-socket", "https-socket", "fastcgi-socket",
            "http2", "spdy", "ssl-socket", "shared-socket", "http-to", "http-socket-modifier1")
-_warned: set[str] = set()
-
-
-def _not_hijackable(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("uWSGI: connections are not hijackable: %s", reason)
+_BODY = "a request with a body (uWSGI keeps read-ahead bytes in C)"
 
 
 def why_not(uwsgi: Any, environ: dict) -> str | None:
@@ -66,7 +67,7 @@ def why_not(uwsgi: Any, environ: dict) -> str | None:
         return "the worker also serves --" + ", --".join(routed) + " (not the client's socket)"
     if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or environ.get(
             "HTTP_TRANSFER_ENCODING"):
-        return "a request with a body (uWSGI keeps read-ahead bytes in C)"
+        return _BODY
     return None
 
 
@@ -87,11 +88,14 @@ class UWSGIConnection(ServerConnection):
         uwsgi = sys.modules.get("uwsgi")
         if uwsgi is None:
             return None
+        if environ.get("HTTPS") == "on":  # came over --https-socket
+            return decline_tls(environ, "uWSGI's --https-socket")
         reason = why_not(uwsgi, environ)
-        if reason is not None:
-            if not reason.startswith("a request with a body"):
-                _not_hijackable(reason)
+        if reason == _BODY:  # an ordinary request, not worth a log line
+            environ[WHY_NOT] = reason
             return None
+        if reason is not None:
+            return decline(environ, "uWSGI: " + reason)
         return cls(environ, start_response, uwsgi)
 
     def take(self) -> tuple[socket.socket, bytes]:

@@ -32,14 +32,21 @@ shutdown and the close all meet the stand-in. The interactive debugger
 ``start_response`` through and sees an ordinary empty body, so hijack works
 under it too. If another layer wraps ``start_response``, the request is not
 hijackable.
+
+Not under TLS (``run_simple(..., ssl_context=...)``, ``flask run --cert``):
+the socket is then an ``ssl.SSLSocket``, whose TLS state cannot leave it;
+the fd alone would carry the reactor's writes in clear text, so the
+connection is declined (:func:`.base.decline_tls`) and the stream helpers
+answer ``501`` with the reason, through Werkzeug's TLS socket.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
-from .base import ServerConnection, drain_buffered, swap_out
+from .base import ServerConnection, decline_tls, drain_buffered, swap_out
 
 
 class WerkzeugConnection(ServerConnection):
@@ -57,7 +64,9 @@ class WerkzeugConnection(ServerConnection):
     @classmethod
     def detect(cls, environ: dict, start_response: Any) -> WerkzeugConnection | None:
         sock = environ.get("werkzeug.socket")
-        if type(sock) is not socket.socket:  # not an ssl.SSLSocket: TLS is not ours to write
+        if isinstance(sock, ssl.SSLSocket):
+            return decline_tls(environ, "Werkzeug's development server (ssl_context)")
+        if type(sock) is not socket.socket:
             return None
         # Only werkzeug's own start_response: then we are the outermost app
         # and werkzeug iterates the body we return.
