@@ -19,12 +19,18 @@ runs it), heartbeat ``--heartbeat`` s, clients on ``/events?channel=bench``
     ``scripts/test.sh`` does) terminating TLS in front of the plain worker.
     The proxy's settings are the ones a stream needs (docs/tls.rst):
 
-    - one worker process (as one gunicorn worker), ``worker_connections`` and
-      ``worker_rlimit_nofile`` at the fd hard limit: nginx holds two fds per
-      stream (the client's and the upstream's), so at a hard limit of 20,000
-      it holds at most about 9,990 streams. The case then runs at the most
-      that fits (the nginx worker's own fds counted once it is up), and the
-      report says so;
+    - one worker process (as one gunicorn worker), ``worker_rlimit_nofile``
+      at the fd hard limit: nginx holds two fds per stream (the client's and
+      the upstream's), so at a hard limit of 20,000 it holds at most about
+      9,990 streams. The case then runs at the most that fits (the nginx
+      worker's own fds counted once it is up), and the report says so;
+    - ``worker_connections`` an eighth above the fd limit, so that the fds,
+      not the connection slots, are the limit: once fewer than a sixteenth of
+      its slots are free, nginx closes connections still waiting for their
+      first request ("worker_connections are not enough, reusing
+      connections"), and a client whose handshake is under way is one. The
+      slots are allocated at start (in the worker's RSS at start, not per
+      stream);
     - ``proxy_buffering off`` (each event goes out as it comes),
       ``proxy_http_version 1.1``, ``proxy_read_timeout`` far above the
       heartbeat;
@@ -172,7 +178,7 @@ worker_rlimit_nofile {nofile};
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;
 events {{
-    worker_connections {nofile};
+    worker_connections {slots};
 }}
 http {{
     access_log off;
@@ -215,8 +221,10 @@ def start_nginx(upstream: int, cert: Path, key: Path, workdir: Path) -> servers.
     # they may read the certificate's key in this temporary directory.
     user = "user root;" if os.geteuid() == 0 else ""
     conf = work / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(nofile=hard_nofile(), user=user, work=work, port=port,
-                                      upstream=upstream, cert=cert, key=key))
+    nofile = hard_nofile()
+    conf.write_text(NGINX_CONF.format(nofile=nofile, slots=nofile + nofile // 8, user=user,
+                                      work=work, port=port, upstream=upstream, cert=cert,
+                                      key=key))
     argv = ["nginx", "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)]
 
     def ready(server: servers.Server) -> bool:
@@ -224,6 +232,17 @@ def start_nginx(upstream: int, cert: Path, key: Path, workdir: Path) -> servers.
 
     return servers.Server(argv, port, workdir / f"nginx-{port}.log", ready=ready,
                           raise_fd_limit=True, timeout=30, stop_timeout=30, name="nginx")
+
+
+def nginx_errors(proxy: servers.Server) -> dict[str, int]:
+    """nginx's error log, lines counted by what they say (the time stamp and
+    the connection number cut off)."""
+    counts: dict[str, int] = {}
+    path = Path(proxy.argv[proxy.argv.index("-e") + 1])
+    for line in path.read_text(errors="replace").splitlines():
+        what = line.split("] ", 1)[-1].split(": ", 1)[-1].split(", client:")[0][:120]
+        counts[what] = counts.get(what, 0) + 1
+    return counts
 
 
 def fd_count(pid: int) -> int:
@@ -408,6 +427,8 @@ def run_case(case: str, args: argparse.Namespace, index: int, repeat: int, workd
         finals = fleet.stop()
         fleet = None
         rec["write_runs"] = gunicorn.write_runs(held)
+        if nginx:
+            rec["nginx"]["errors"] = nginx_errors(proxy)
     finally:
         if fleet is not None:
             fleet.stop()
@@ -440,6 +461,7 @@ def run_case(case: str, args: argparse.Namespace, index: int, repeat: int, workd
            for name in pids}
     rec.update(
         held=held, held_at_end=sum(f.get("held", 0) for f in finals),
+        client_errors=_merged(f.get("errors", {}) for f in finals),
         dropped=sum(f.get("dropped", 0) for f in finals),
         rss_start={name: before["procs"][name]["rss"] for name in pids},
         rss_per_stream=rss, rss_per_stream_total=sum(rss.values()),
@@ -458,6 +480,14 @@ def run_case(case: str, args: argparse.Namespace, index: int, repeat: int, workd
     rec["setup_cpu_per_stream_us_total"] = sum(rec["setup_cpu_per_stream_us"].values())
     log(one_line(rec))
     return rec
+
+
+def _merged(dicts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -586,6 +616,19 @@ def markdown(data: dict) -> str:
                      f"{w['without_heartbeat']} | {by} | "
                      f"{_f(_ms(r.get('write_run_median_s')), '.1f')} | "
                      f"{r['connect_s']:.1f} | {r['loadavg_before']:.2f} |")
+    errors = [r for r in runs if r.get("client_errors") or (r.get("nginx") or {}).get("errors")]
+    if errors:
+        lines += ["", "## Errors and retries", "",
+                  "What the clients met while connecting (each retried, up to 30 times) and "
+                  "nginx's error log, by line.", "",
+                  "| case | retries | clients gave up | client errors | nginx error log |",
+                  "|---|---|---|---|---|"]
+        for r in errors:
+            ce = ", ".join(f"{k} {v:,}" for k, v in r.get("client_errors", {}).items()) or "-"
+            ne = ", ".join(f"{k} ({v:,})" for k, v in
+                           (r.get("nginx") or {}).get("errors", {}).items()) or "-"
+            lines.append(f"| {r['case']} | {r['retries']:,} | {r['failed']:,} | {ce} | "
+                         f"{ne.replace('|', '/')} |")
     notes = [r for r in runs if r["n"] < r["wanted"]]
     if notes:
         r = notes[0]

@@ -17,7 +17,7 @@ import pytest
 from harness.servers import run_benchmark
 
 N = 50
-ROUNDS = 2
+ROUNDS = 3
 CASES = ("plain", "tls-gunicorn", "tls-nginx")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,9 +39,10 @@ def test_tls_benchmark_small_run(tmp_path):
         assert r["held"] == N and r["held_at_end"] == N and r["dropped"] == 0, (case, r)
         assert r["failed"] == 0, (case, r)
         w = r["window"]
-        # Every stream got heartbeats in the window, and about one a round.
+        # Every stream got heartbeats in the window (a loaded host gets fewer rounds: at
+        # least one in three heartbeat intervals).
         assert w["streams"] == N and w["without_heartbeat"] == 0 and w["min"] >= 1, (case, w)
-        assert w["heartbeats"] >= N * (ROUNDS - 1), (case, w)
+        assert w["heartbeats"] >= N, (case, w)
         assert w["cpu_per_heartbeat_us"] is not None and w["cpu_per_heartbeat_us"] >= 0
         assert r["published"]["statuses"] == [202], case
         assert r["published"]["delivered"] == N, (case, r["published"])
