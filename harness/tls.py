@@ -259,6 +259,20 @@ class WireTLSClient:
         self._unread[:0] = got[end:]
         return bytes(got[:end])
 
+    def read_exactly(self, size: int, timeout: float | None = None) -> bytes:
+        """``size`` bytes of plaintext (a body of known length on a connection
+        the server keeps open); what came after them is kept for the next
+        read. ``Closed`` if the server ends the connection first."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        got = bytearray()
+        while len(got) < size:
+            data = self.recv(deadline - time.monotonic())
+            if not data:
+                raise Closed(f"connection closed after {len(got)} of {size} bytes")
+            got += data
+        self._unread[:0] = got[size:]
+        return bytes(got[:size])
+
     def read_to_close(self, timeout: float | None = None) -> bytes:
         """All plaintext until the server ends the connection (a response
         with ``Connection: close``). ``TimeoutError`` after ``timeout``."""

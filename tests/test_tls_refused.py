@@ -11,6 +11,7 @@ response's plaintext (what the reactor would have written on the bare fd).
 
 from __future__ import annotations
 
+import re
 import ssl
 import time
 from pathlib import Path
@@ -25,8 +26,12 @@ from harness.wire import HOST
 # bare b"501" of a status code: three bytes turn up in random ciphertext about
 # once in 16 million positions, enough for a rare false failure over a run.
 PLAINTEXT = [b"HTTP/1.1", b"501 Not Implemented", b"BEEP", b"retry:", b": ping",
-             b"text/event-stream"]
-PATHS = ["/", "/events?channel=x", "/stream?channel=x", "/poll?channel=x"]
+             b"text/event-stream", b"Sec-WebSocket-Accept"]
+_WS = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+# The demo's BEEP stream, then SSE, chunked, long-poll and WebSocket: (target, headers).
+REQUESTS = [("/", ""), ("/events?channel=x", ""), ("/stream?channel=x", ""),
+            ("/poll?channel=x", ""), ("/ws?channel=x", _WS)]
 # What every refusal's reason says, whichever server: the two ways to TLS streams.
 ADVICE = ["this is a TLS connection on", "wsgi_hijack.workers.ggevent.GeventWorker",
           "terminate TLS at a proxy"]
@@ -53,21 +58,23 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_certificate(tmp_path_factory.mktemp("tls"))
 
 
-def ask(port: int, cafile: Path, path: str) -> tuple[bytes, WireTLSClient]:
-    """``GET path`` over TLS with ``Connection: close``; the decrypted answer
-    to its end, and the client with the raw wire. If the server breaks TLS
-    (plaintext where a record should be), the failure shows the plaintext."""
+def ask(port: int, cafile: Path, target: str, headers: str) -> tuple[bytes, bytes, WireTLSClient]:
+    """``GET target`` over TLS; the decrypted head and body of the answer
+    (its ``Content-Length``), and the client with the raw wire. If the
+    server breaks TLS (plaintext where a record should be), the failure
+    shows the plaintext."""
     client = WireTLSClient(HOST, port, cafile=cafile)
     try:
         client.handshake()
-        client.send(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-                    .encode())
+        client.send(f"GET {target} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
         try:
-            answer = client.read_to_close(timeout=10)
+            head = client.read_until(b"\r\n\r\n", timeout=10)
+            length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+            body = client.read_exactly(int(length.group(1)), timeout=10) if length else b""
         except ssl.SSLError:
             assert_no_plaintext(client.wire_after_handshake, PLAINTEXT)
             raise
-        return answer, client
+        return head, body, client
     finally:
         client.close()
 
@@ -85,13 +92,12 @@ def test_a_stream_on_a_tls_connection_is_refused_encrypted(tmp_path, certificate
     try:
         if name == "gunicorn-gthread-ours":
             assert "worker class wsgi_hijack.workers.gthread.ThreadWorker" in srv.log()
-        for path in PATHS:
-            answer, client = ask(srv.port, cert, path)
+        for target, headers in REQUESTS:
+            head, body, client = ask(srv.port, cert, target, headers)
             assert_no_plaintext(client.wire_after_handshake, PLAINTEXT)
-            head, _, body = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 501 "), answer
+            assert head.startswith(b"HTTP/1.1 501 "), (target, head, body)
             text = body.decode()
-            assert "is not available on this server: " in text, text
+            assert "is not available on this server: " in text, (target, text)
             for part in [server_name, *ADVICE]:
                 assert part in text, (part, text)
         # The operator's log says it too, once per reason.
