@@ -28,9 +28,10 @@ import pytest
 from harness import servers, wire
 from harness.clients import published_id, wait_for, wait_total_held
 from harness.recorder import Recorder, Stream
-from harness.redis_topology import command
+from harness.redis_topology import ClusterSet, command
 from wsgi_hijack.handoff import rendezvous, transport
 from wsgi_hijack.handoff.successors import parent
+from wsgi_hijack.loadclient import children
 
 from .test_handoff import sse_events
 
@@ -46,7 +47,7 @@ class Site:
     one worker, the in-process bus unless ``env`` says otherwise."""
 
     def __init__(self, tmp: Path, name: str, bind: str, env: dict | None = None,
-                 workers: int = 1) -> None:
+                 workers: int = 1, script: bool = False) -> None:
         self.name = name
         self.bind = bind
         self.workers = workers
@@ -57,7 +58,11 @@ class Site:
             host, port = bind.rsplit(":", 1)
             self.address = (host, int(port))
             self.family = socket.AF_INET
-        argv = [sys.executable, "-m", "gunicorn", "-c", str(servers.GUNICORN_CONF), "-b", bind,
+        # script: the console script, which a binary upgrade can execute again
+        # (harness.servers.argv_for says why).
+        program = [str(Path(sys.executable).parent / "gunicorn")] if script \
+            else [sys.executable, "-m", "gunicorn"]
+        argv = [*program, "-c", str(servers.GUNICORN_CONF), "-b", bind,
                 "--no-control-socket", "--workers", str(workers), "handoff_app:app"]
         # (a Unix socket's client is no loopback address: publish with a token)
         environ = servers.server_env(HEARTBEAT, PYTHONPATH=f"{servers.ROOT}:{HERE}",
@@ -206,7 +211,6 @@ def test_a_reload_moves_a_deployments_clients_to_its_own_new_worker_only(sites, 
     bind_a, bind_b = _binds(kind, tmp_path)
     a = sites("a", bind_a)
     b = sites("b", bind_b)  # its worker is younger than A's: a successor, by age
-    assert a.rendezvous != b.rendezvous
     recorder = Recorder()
     try:
         since_a, since_b = a.publish("news", "a0"), b.publish("news", "b0")
@@ -237,6 +241,7 @@ def test_a_reload_moves_a_deployments_clients_to_its_own_new_worker_only(sites, 
         assert stream.closed_at is None and stream.heads() == 1, stream.name
         assert sse_events(stream.data) == sent_b, stream.name
     assert "Traceback" not in a.server.log() + b.server.log()
+    assert a.rendezvous != b.rendezvous
 
 
 def test_two_deployments_told_to_share_a_directory_still_keep_their_clients(sites, tmp_path):
@@ -314,6 +319,7 @@ def test_a_directory_made_first_by_another_user_does_not_turn_the_handoff_off(
     env = {}
     if how == "predictable name":
         taken = Path(f"/tmp/wsgi_hijack-{os.getuid()}-{port}")
+        shutil.rmtree(taken, ignore_errors=True)  # (an earlier version's, left behind)
     else:
         taken = tmp_path / "taken"
         env["WSGI_HIJACK_HANDOFF_DIR"] = str(taken)
@@ -335,6 +341,42 @@ def test_a_directory_made_first_by_another_user_does_not_turn_the_handoff_off(
         assert not any(taken.iterdir())  # nothing of ours went there
     finally:
         shutil.rmtree(taken, ignore_errors=True)
+
+
+def test_a_binary_upgrade_finds_the_private_directory(sites, tmp_path):
+    """USR2: gunicorn executes the new master with the environment the old
+    one was started with; the deployment's name and directory still reach it
+    (``pre_exec``), so the old workers' connections move to its workers. The
+    directory stays while the new master runs, and goes with it."""
+    a = sites("a", f"127.0.0.1:{servers.free_port()}", script=True)
+    where = a.rendezvous
+    recorder = Recorder()
+    try:
+        since = a.publish("news", "first")
+        clients = hold_sse(a, recorder, 4, since)
+        old_worker = a.stats()["pid"]
+        os.kill(a.master, signal.SIGUSR2)
+        new_master = wait_for(lambda: [int(p.name[7:-5]) for p in where.glob("master-*.sock")
+                                       if int(p.name[7:-5]) != a.master],
+                              "the new master's park in the same directory", 30)[0]
+        # (its worker listens once it has the old worker's bus: after the QUIT)
+        wait_for(lambda: children(new_master), "the new master's worker", 30)
+        os.kill(a.master, signal.SIGQUIT)
+        wait_for(lambda: a.server.proc.poll() is not None, "the old master's exit", 60)
+        new = wait_for(lambda: (s := a.stats())["pid"] != old_worker and s["held"] == 4 and s,
+                       "the new master's worker holding the connections", 30)
+        last = a.publish("news", "last")
+        for stream in clients:
+            recorder.wait_for(stream, b"data: last\n")
+    finally:
+        recorder.stop()
+    assert parent(new["pid"]) == new_master and new["adopted"] == 4
+    for stream in clients:
+        assert stream.closed_at is None and stream.heads() == 1, stream.name
+        assert sse_events(stream.data) == [(last, "last")], stream.name
+    assert where.is_dir()  # the new master's now
+    os.kill(new_master, signal.SIGTERM)
+    wait_for(lambda: not where.exists(), "the directory's removal with the last master", 60)
 
 
 def test_the_private_directory_goes_with_the_last_master(sites, tmp_path):
@@ -433,6 +475,23 @@ def test_two_deployments_with_two_prefixes_on_one_db_hear_only_their_own(start_s
                                              "app-b:s:news"]
     channels = command(redis_server.port, "PUBSUB", "CHANNELS", "*")
     assert channels and all(c.startswith(("app-a:", "app-b:")) for c in channels), channels
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_two_deployments_with_two_prefixes_on_one_redis_cluster_hear_only_their_own(
+        start_server, tmp_path):
+    """The same on Redis Cluster (db 0 only): both deployments' channel
+    ``news`` hashes to one shard, and each hears its own sharded pub/sub only."""
+    cluster = ClusterSet(tmp_path / "cluster")
+    try:
+        _only_own(start_server, cluster.url(), cluster.url(),
+                  {"WSGI_HIJACK_REDIS_PREFIX": "app-a:"}, {"WSGI_HIJACK_REDIS_PREFIX": "app-b:"})
+        found = sorted(k for port in cluster.master_ports() for k in command(port, "KEYS", "*"))
+        assert found == ["app-a:{news}:id", "app-a:{news}:s", "app-b:{news}:id",
+                         "app-b:{news}:s"], found
+    finally:
+        cluster.stop()
 
 
 # -- settings ------------------------------------------------------------------------------------

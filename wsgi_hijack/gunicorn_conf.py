@@ -136,6 +136,18 @@ def _private_dir(server) -> None:
                         os.environ["WSGI_HIJACK_DEPLOYMENT"], where)
 
 
+def pre_exec(server):
+    # A binary upgrade (USR2): gunicorn forks, runs this, and executes the
+    # new master with the environment the old one was *started* with
+    # (cfg.env_orig), not its own. The deployment's name and private
+    # directory must reach the new master: its workers succeed this one's.
+    from wsgi_hijack.handoff import rendezvous
+
+    for name in ("WSGI_HIJACK_DEPLOYMENT", "WSGI_HIJACK_HANDOFF_DIR", rendezvous.MADE):
+        if name in os.environ:
+            server.cfg.env_orig[name] = os.environ[name]
+
+
 def _private_listeners(server) -> None:
     # gunicorn binds a Unix socket with its umask (0 by default): 0777. Its
     # socket in the private directory is nobody's business but ours: 0600.
@@ -297,6 +309,6 @@ def worker_exit(server, worker):
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "backlog", "keepalive",
     "redis_url", "on_starting", "on_reload", "on_exit", "child_exit", "post_worker_init",
-    "worker_exit", "when_ready",
+    "worker_exit", "when_ready", "pre_exec",
     "OUR_WORKERS",
 ]

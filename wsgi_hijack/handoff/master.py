@@ -54,7 +54,7 @@ def workers_changed(server: Any) -> None:
     if _park is not None:
         where = rendezvous.directory()
         rendezvous.write_workers(where, os.getpid(), server.num_workers,
-                                 rendezvous.deployment(where).ident)
+                                 rendezvous.own_ident())
 
 
 def stop(server: Any) -> None:
@@ -76,7 +76,7 @@ def stop(server: Any) -> None:
     for path in (rendezvous.stopping(where, os.getpid()),
                  where / f"master-{os.getpid()}.json"):
         rendezvous.unmark(path)
-    rendezvous.remove(where, rendezvous.deployment(where).ident)
+    rendezvous.remove(where, rendezvous.own_ident())
 
 
 def _mark_first(sig: int, where: Path, master: int) -> None:

@@ -160,7 +160,7 @@ def deployment(where: Path, create: bool = False) -> Deployment:
     """This process's deployment, with its secret from ``where`` (made there
     by a master, ``create``); RendezvousError if there is none to read."""
     name = config.deployment() or "unnamed"
-    ident = ident_of(name)
+    ident = own_ident()
     path = key_path(where, ident)
     if create:
         try:
@@ -181,6 +181,11 @@ def deployment(where: Path, create: bool = False) -> Deployment:
         raise RendezvousError(f"{path} is not this user's own key (mode "
                               f"{info.st_mode & 0o777:o}, uid {info.st_uid})")
     return Deployment(name, ident, key.encode("ascii", "replace"))
+
+
+def own_ident() -> str:
+    """This process's deployment's ident (its name's hash)."""
+    return ident_of(config.deployment() or "unnamed")
 
 
 def key_path(where: Path, ident: str) -> Path:
