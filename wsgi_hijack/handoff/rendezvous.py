@@ -14,11 +14,14 @@ Its directory is private and nobody can take its name beforehand: by
 default a new one with a random name, ``wsgi_hijack-<uid>-<ident>-<random>``,
 made ``0700`` by the master (``mkdtemp``) under ``$XDG_RUNTIME_DIR`` when
 that is this user's own (``/run/user/<uid>``), else under the temporary
-directory. Every restart that moves connections (a reload, a recycle, a
-binary upgrade) keeps the master's environment, so its workers find it by
-``WSGI_HIJACK_HANDOFF_DIR``; a predictable name would serve no restart and
-would let another local user make it first, and with it turn the handoff
-off on every reload. A directory named in ``WSGI_HIJACK_HANDOFF_DIR`` that
+directory. Every restart that moves connections finds it through the
+environment, ``WSGI_HIJACK_HANDOFF_DIR``: a reload's and a recycle's
+workers are forked by the same master, and a binary upgrade's new master
+gets it from ``gunicorn_conf.pre_exec`` (gunicorn executes that one with
+the environment the old master was started with). A predictable name would
+serve no restart, and would let another local user make it first and with
+it turn the handoff off on every reload (as ``/tmp/wsgi_hijack-<uid>-<port>``
+did). A directory named in ``WSGI_HIJACK_HANDOFF_DIR`` that
 another user owns or may enter is refused with a warning, and the master
 makes a private one instead: the handoff stays on.
 
