@@ -99,10 +99,10 @@ class TLSSession:
         try:
             while True:
                 data = obj.read(_PLAIN_READ)
-                if not data:
-                    break
+                if not data:  # _ssl's read gives b"" for the peer's close_notify
+                    raise ssl.SSLZeroReturnError
                 chunks.append(data)
-        except ssl.SSLWantReadError:
+        except ssl.SSLWantReadError:  # all there is, for now
             pass
         except ssl.SSLZeroReturnError:  # close_notify: answer it, then nothing more
             self.peer_closed = True
