@@ -207,7 +207,8 @@ def test_a_message_fans_out_per_framer_past_waiting_and_dead_subscribers(reactor
         assert subs["sse_waiting"][0].outbuf
         subs["sse_dead"][1].close()
 
-        message = Message(1, "news", "hello\nworld", "greeting", time.time())
+        message = Message(reactor.bus.last_id() + 1, "news", "hello\nworld", "greeting",
+                          time.time())  # above the bus's ids, which start at the clock
         reactor.dispatch(message)
         gevent.sleep(0.1)
         sse_frame = SSE.frame(message)
@@ -340,8 +341,9 @@ def test_one_shot_subscribers_complete_even_with_a_streaming_framer(reactor):
         reactor.hold(poll_ours, _PollWithSharedFramer(shared), channels=("c",))
         reactor.hold(stream_ours, shared, channels=("c",))
         gevent.sleep(0.05)
+        top = reactor.bus.last_id()  # the bus's ids start at the clock
         for i in (1, 2):
-            reactor.dispatch(Message(i, "c", f"m{i}", None, time.time()))
+            reactor.dispatch(Message(top + i, "c", f"m{i}", None, time.time()))
             gevent.sleep(0.05)
         poll_theirs.settimeout(5)
         answer = b""
@@ -373,7 +375,7 @@ def test_nothing_follows_a_goodbye_that_is_still_waiting(reactor):
         reactor.close_connection(conn, CHUNKED.goodbye)  # as on ConnectionDone
         assert conn.closing and conn.outbuf
         reactor.heartbeat_round()
-        reactor.dispatch(Message(1, "c", "late", None, time.time()))
+        reactor.dispatch(Message(reactor.bus.last_id() + 1, "c", "late", None, time.time()))
         gevent.sleep(0.05)
         got = b""
         theirs.settimeout(5)

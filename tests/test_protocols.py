@@ -116,7 +116,7 @@ OPS = st.lists(st.tuples(st.sampled_from("abc"), st.text(max_size=3)), max_size=
 def test_replay_matches_a_model(ops, size, after, channels):
     """Replay returns exactly the retained messages after ``after`` on the
     channels, in id order, and flags a gap iff an evicted one was missed."""
-    bus = InProcessBus(history_size=size, history_age=1e9)
+    bus = InProcessBus(history_size=size, history_age=1e9, clock=lambda: 0)  # ids 1, 2, ...
     published = [(bus.publish(ch, data), ch, data) for ch, data in ops]
     replay = bus.replay(sorted(channels), after)
     retained = {}
@@ -130,7 +130,7 @@ def test_replay_matches_a_model(ops, size, after, channels):
 
 
 def test_publish_validation():
-    bus = InProcessBus()
+    bus = InProcessBus(clock=lambda: 0)
     with pytest.raises(PublishError, match="channel"):
         bus.publish("", "x")
     with pytest.raises(PublishError, match="UTF-8"):

@@ -3,13 +3,31 @@
 The history of a channel is bounded by count (``WSGI_HIJACK_HISTORY``) and
 age (``WSGI_HIJACK_HISTORY_AGE``); both are trimmed as messages arrive and
 when a replay reads them.
+
+Ids never go back, even when the bus is lost (a SIGKILL of the worker, a
+full stop and start, a reload with the handoff turned off): each id is at
+least the wall clock in microseconds, as on Redis (``wsgi_hijack.redis_bus``),
+and a new bus starts above the clock of its creation (its *floor*). Every id
+an earlier bus handed out was at most that bus's clock, so it is below the
+floor: a client coming back with it gets every message of the new bus,
+none skipped as "already seen". Why the clock and not an epoch kept on disk:
+it needs no file (no path to share, pre-create or lock between deployments),
+costs one ``time_ns()`` per publish, and gives the same ids on both buses. It
+needs what the Redis bus needs: a clock that does not step back across a
+restart (NTP slews), and fewer than a million publishes a second, which
+Python's publish cannot reach.
+
+What a lost bus published is gone with it, and a new bus cannot know
+whether it published anything after a client's id: a client whose id is
+below the floor gets no ``gap`` for that (only for what this bus, or the
+predecessor it took the history from, let go).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .. import config
 from .base import (
@@ -34,6 +52,11 @@ class _History:
         self.evicted = 0
 
 
+def clock_us() -> int:
+    """The wall clock in microseconds: the floor of every id."""
+    return time.time_ns() // 1000
+
+
 class InProcessBus:
     """The default bus: one worker, no dependency.
 
@@ -43,12 +66,18 @@ class InProcessBus:
     """
 
     def __init__(self, history_size: int | None = None, history_age: float | None = None,
-                 max_message: int | None = None) -> None:
+                 max_message: int | None = None,
+                 clock: Callable[[], int] = clock_us) -> None:
         self.history_size = history_size or config.history_size()
         self.history_age = history_age or config.history_age()
         self.max_message = max_message or config.max_message()
         self._lock = Lock()
+        #: Microseconds now (a test gives its own, to get small ids).
+        self._clock = clock
+        #: The last id this bus (or the predecessor it took over) handed out; 0: none.
         self._last_id = 0
+        #: Every id handed out before this bus was made is at most this.
+        self._floor = clock()
         self._channels: dict[str, _History] = {}
         self._dispatch: Dispatch | None = None
         self._counters = Counters()
@@ -63,7 +92,7 @@ class InProcessBus:
             if self._handed_over:
                 raise BusUnavailable("this worker handed its bus to its successor; "
                                      "publish in the new worker")
-            self._last_id += 1
+            self._last_id = max(self._last_id + 1, self._floor + 1, self._clock())
             message = Message(self._last_id, channel, data, event, time.time())
             history = self._channels.get(channel)
             if history is None:
@@ -124,7 +153,9 @@ class InProcessBus:
             self._last_id, self._channels = last_id, channels
 
     def last_id(self, channel: str | None = None) -> int:
-        return self._last_id
+        """The last id handed out; before the first, the floor: every id of
+        an earlier bus is at most that, and everything after it is this bus's."""
+        return max(self._last_id, self._floor)
 
     # One process: every channel is live at once, nothing to subscribe to.
     confirms_subscriptions = False
@@ -152,7 +183,7 @@ class InProcessBus:
         ``after=None`` means "nothing missed": an empty replay at the current id.
         """
         with self._lock:
-            last = self._last_id
+            last = max(self._last_id, self._floor)
             upto = last if upto is None else min(upto, last)
             if after is None:
                 return Replay([], False, upto)
