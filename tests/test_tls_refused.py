@@ -2,9 +2,9 @@
 connection to the reactor, and none of them may put plaintext on it.
 
 Each test starts one real server kind on loopback with TLS on, asks for the
-demo's BEEP stream (``GET /``) and an SSE stream (``GET /events``) over
-:class:`harness.tls.WireTLSClient`, and checks both ways a refusal can go
-wrong: the decrypted answer must be the ``501`` that says why and what to
+demo's BEEP stream (``GET /``) and its SSE, chunked, long-poll and WebSocket
+streams over :class:`harness.tls.WireTLSClient`, and checks both ways a
+refusal can go wrong: the decrypted answer must be the ``501`` that says why and what to
 do, and the raw bytes received after the handshake must hold none of the
 response's plaintext (what the reactor would have written on the bare fd).
 """
