@@ -35,13 +35,8 @@ import gevent.ssl
 
 from ..tls import TLSSocket
 from ..workers import checks
-from .base import decline
+from .base import decline_tls
 from .gunicorn_common import GunicornConnection, take_read_ahead
-
-_TLS_ELSEWHERE = ("this is a TLS connection on gunicorn's own gevent worker, whose TLS state "
-                  "cannot leave its socket: run gunicorn with -c python:wsgi_hijack.gunicorn_conf "
-                  "(or -k wsgi_hijack.workers.ggevent.GeventWorker), which holds TLS streams, or "
-                  "terminate TLS at a proxy in front (docs/tls.rst)")
 
 
 class GunicornGeventConnection(GunicornConnection):
@@ -57,7 +52,7 @@ class GunicornGeventConnection(GunicornConnection):
     @classmethod
     def detect(cls, environ: dict, start_response: Any) -> GunicornGeventConnection | None:
         if isinstance(environ.get("gunicorn.socket"), gevent.ssl.SSLSocket):
-            return decline(environ, _TLS_ELSEWHERE)
+            return decline_tls(environ, "gunicorn's own gevent worker")
         return super().detect(environ, start_response)  # type: ignore[return-value]
 
     def take(self) -> tuple[Any, bytes]:
