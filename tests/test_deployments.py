@@ -159,17 +159,25 @@ def hold_sse(site: Site, recorder: Recorder, count: int, since: int) -> list[Str
 
 
 def reload_and_wait(site: Site, held: int) -> dict:
-    """HUP the site's master; wait until its old worker is gone and its new
-    one holds ``held``; the new worker's stats."""
+    """HUP the site's master; wait until its park has placed the ``held``
+    connections of the old worker (or said their goodbye). Returns the new
+    worker's stats, with ``gave``: how many the park gave to which pid."""
     old = site.stats()["pid"]
     os.kill(site.master, signal.SIGHUP)
     wait_for(lambda: not os.path.exists(f"/proc/{old}"), f"{site.name}'s old worker's exit", 60)
-    wait_for(lambda: re.search(rf"park: took \d+ connections from pid {old}\b", site.server.log())
-             and not re.search(r"park: .*get their goodbye", site.server.log())
-             and (site.stats() or {}).get("pid") not in (None, old), "the move", 60)
-    new = wait_for(lambda: (s := site.stats())["adopted"] + s["held"] >= held and s,
-                   f"{site.name}'s new worker", 30)
-    return new
+
+    def placed() -> tuple[dict[int, int]] | None:
+        log = site.server.log()
+        gave: dict[int, int] = {}
+        for count, taker in re.findall(rf"park: gave (\d+) connections of pid {old} to pid "
+                                       r"(\d+)", log):
+            gave[int(taker)] = gave.get(int(taker), 0) + int(count)
+        goodbye = re.search(rf"park: \d+ connections of pid {old} get their goodbye", log)
+        return (gave,) if sum(gave.values()) == held or goodbye else None
+
+    gave = wait_for(placed, f"{site.name}'s park placing {held} connections", 60)[0]
+    new = wait_for(lambda: (s := site.stats())["pid"] != old and s, f"{site.name}'s new worker")
+    return {**new, "gave": gave}
 
 
 def a_reload_moves_all(site: Site, count: int) -> None:
@@ -183,9 +191,11 @@ def a_reload_moves_all(site: Site, count: int) -> None:
         last = site.publish("news", "last")
         for stream in clients:
             recorder.wait_for(stream, b"data: last\n")
+        held = site.stats()["held"]
     finally:
         recorder.stop()
-    assert new["held"] == count and new["adopted"] == count, new
+    assert new["gave"] == {new["pid"]: count}, new  # all to its own new worker
+    assert held == count
     for stream in clients:
         assert stream.closed_at is None and stream.heads() == 1, stream.name
         assert sse_events(stream.data) == [(last, "last")], stream.name
@@ -226,10 +236,12 @@ def test_a_reload_moves_a_deployments_clients_to_its_own_new_worker_only(sites, 
             recorder.wait_for(stream, b"data: a4\n")
         for stream in b_clients:
             recorder.wait_for(stream, b"data: b4\n")
-        b_after = b.stats()
+        b_after, a_after = b.stats(), a.stats()
     finally:
         recorder.stop()
-    assert new_a["held"] == 4 and new_a["adopted"] == 4, new_a
+    # All of A's to A's new worker: none to B's, which is younger than A's old one.
+    assert new_a["gave"] == {new_a["pid"]: 4}, (new_a["gave"], "B's worker:", b_before["pid"])
+    assert a_after["held"] == 4
     assert b_after["pid"] == b_before["pid"]
     # B's own two only, and nothing taken over.
     assert b_after["adopted"] == b_before["adopted"] == 2 and b_after["held"] == 2, b_after
