@@ -165,14 +165,19 @@ def deployment(where: Path, create: bool = False) -> Deployment:
     name = config.deployment() or "unnamed"
     ident = own_ident()
     path = key_path(where, ident)
-    if create:
+    if create and not path.exists():
+        # Whole or not at all: written aside, then linked to its name, which
+        # fails if another master of the deployment was first (its key wins).
+        aside = where / f".{path.name}.{os.getpid()}"
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.link(aside, path)
         except FileExistsError:
-            pass  # an earlier master's: the same deployment
-        else:
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_hex(32))
+            pass
+        finally:
+            os.unlink(aside)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
