@@ -188,6 +188,11 @@ http {{
     uwsgi_temp_path {work}/uwsgi;
     scgi_temp_path {work}/scgi;
     ssl_protocols TLSv1.2 TLSv1.3;
+    # WebSocket: the upgrade passed on; other requests: no Connection header.
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        "" "";
+    }}
     upstream app {{
         server 127.0.0.1:{upstream};
     }}
@@ -198,7 +203,8 @@ http {{
         location / {{
             proxy_pass http://app;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-Proto https;
             proxy_buffering off;
