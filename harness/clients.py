@@ -3,12 +3,18 @@ endpoints of the demo and the test apps (``POST /publish``, ``GET /events``),
 and wait until the server (``/_stats``) or anything else gets where it should.
 
 ``server`` is anything with a ``port`` (and, for the waits, ``stats()``):
-a :class:`harness.servers.Server`.
+a :class:`harness.servers.Server`. ``context``, where a helper takes one: the
+server speaks TLS (``servers.start(..., tls=...)``), and the request goes
+over https, trusting what that ``ssl.SSLContext`` trusts.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import socket
+import ssl
+import subprocess
 import threading
 import time
 
@@ -17,21 +23,37 @@ import httpx
 from . import wire
 
 
+def _base(server, context: ssl.SSLContext | None) -> str:
+    return f"{'http' if context is None else 'https'}://{wire.HOST}:{server.port}"
+
+
 def publish(server, channel: str, data: str | bytes, event: str | None = None,
-            headers: dict | None = None) -> httpx.Response:
+            headers: dict | None = None,
+            context: ssl.SSLContext | None = None) -> httpx.Response:
     """``POST /publish?channel=...`` with ``data`` as the body; the response as is."""
     params = {"channel": channel}
     if event is not None:
         params["event"] = event
-    return httpx.post(f"http://{wire.HOST}:{server.port}/publish", params=params, content=data,
-                      headers=headers or {}, timeout=10)
+    return httpx.post(f"{_base(server, context)}/publish", params=params, content=data,
+                      headers=headers or {}, timeout=10,
+                      verify=True if context is None else context)
 
 
-def published_id(server, channel: str, data: str, event: str | None = None) -> int:
+def published_id(server, channel: str, data: str, event: str | None = None,
+                 context: ssl.SSLContext | None = None) -> int:
     """Publish, insist on ``202 Accepted``, and return the message's id."""
-    resp = publish(server, channel, data, event)
-    assert resp.status_code == 202, resp.text
+    resp = publish(server, channel, data, event, context=context)
+    assert resp.status_code == 202, (resp.status_code, resp.text)
     return resp.json()["id"]
+
+
+def stats(server, context: ssl.SSLContext | None = None) -> dict:
+    """The test app's ``/_stats`` (``server.stats()``), over TLS with ``context``."""
+    if context is None:
+        return server.stats()
+    resp = httpx.get(f"{_base(server, context)}/_stats", verify=context, timeout=10)
+    assert resp.status_code == 200, (resp.status_code, resp.text)
+    return resp.json()
 
 
 def open_sse(server, channel: str, count: int, headers: str = "") -> list[socket.socket]:
@@ -44,11 +66,12 @@ def open_sse(server, channel: str, count: int, headers: str = "") -> list[socket
     return socks
 
 
-def wait_held(server, held: int, timeout: float = 10) -> None:
+def wait_held(server, held: int, timeout: float = 10,
+              context: ssl.SSLContext | None = None) -> None:
     """Wait until the worker holds exactly ``held`` connections."""
     deadline = time.monotonic() + timeout
-    while server.stats()["held"] != held:
-        assert time.monotonic() < deadline, (held, server.stats()["held"], server.stats())
+    while (now := stats(server, context))["held"] != held:
+        assert time.monotonic() < deadline, (held, now["held"], now)
         time.sleep(0.02)
 
 
@@ -77,6 +100,23 @@ def wait_for(condition, what: str, timeout: float = 10):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def read_pipe_until(proc: subprocess.Popen, needle: bytes, got: bytes = b"",
+                    timeout: float = 10) -> bytes:
+    """What ``proc`` (started with ``stdout=PIPE``: curl, ``openssl s_client``)
+    has written to its stdout, ``got`` included, read until ``needle`` is in
+    it; an ``AssertionError`` after ``timeout`` seconds or if it ends first."""
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    while needle not in got:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {needle!r} from {proc.args[:2]} in {timeout:g} s; got {got[-2000:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            data = os.read(fd, 65536)
+            assert data, f"{proc.args[:2]} ended before {needle!r}: {got[-2000:]!r}"
+            got += data
+    return got
 
 
 class Publisher:

@@ -24,6 +24,10 @@ dpkg -s libssl-dev > /dev/null 2>&1 || need+=(libssl-dev)
 # nginx terminating TLS in front of a worker: the TLS benchmark's third case
 # (benchmarks/tls.py, tests/test_tls_bench.py).
 command -v nginx > /dev/null || need+=(nginx-light)
+# curl and the openssl command: clients of the TLS streams (curl reads an SSE
+# stream over TLS; openssl gives Chromium the key to trust, tests/test_tls_streams.py).
+command -v curl > /dev/null || need+=(curl)
+command -v openssl > /dev/null || need+=(openssl)
 if ((${#need[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y --no-install-recommends "${need[@]}" \

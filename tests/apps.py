@@ -198,10 +198,44 @@ window.say = (text) => ws.send(text);
 </script>"""
 
 
-def ws_page(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
-                              ("Content-Length", str(len(WS_PAGE)))])
-    return [WS_PAGE]
+def html_page(page: bytes):
+    """A WSGI app that serves ``page`` as HTML."""
+    def serve(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                                  ("Content-Length", str(len(page)))])
+        return [page]
+    return serve
+
+
+ws_page = html_page(WS_PAGE)
+
+
+STREAMS_PAGE = b"""<!doctype html><meta charset="utf-8"><title>streams</title>
+<p>EventSource: <span id="sse-state">connecting</span>;
+WebSocket: <span id="ws-state">connecting</span></p>
+<ul id="sse"></ul><ul id="ws"></ul>
+<script>
+// ?channel=C: an EventSource and a WebSocket on it, over this page's scheme
+// (https: wss:). Each list shows "id data" per message.
+const channel = new URLSearchParams(location.search).get("channel");
+const show = (list, id, data) => {
+  const li = document.createElement("li"); li.textContent = id + " " + data;
+  document.getElementById(list).appendChild(li);
+};
+const state = (id, text) => { document.getElementById(id).textContent = text; };
+const es = new EventSource(`/events?channel=${channel}`);
+es.onopen = () => state("sse-state", "open");
+es.onerror = () => state("sse-state", "error");
+es.onmessage = (e) => show("sse", e.lastEventId, e.data);
+const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+const ws = new WebSocket(`${scheme}//${location.host}/ws?channel=${channel}`);
+ws.onopen = () => state("ws-state", "open");
+ws.onclose = (e) => state("ws-state", "closed " + e.code);
+ws.onmessage = (e) => { const m = JSON.parse(e.data); show("ws", m.id, m.data); };
+window.say = (text) => ws.send(text);
+</script>"""
+
+streams_page = html_page(STREAMS_PAGE)
 
 
 class Buggy(PlainStream):
@@ -226,6 +260,7 @@ ROUTES = {
     "/_buggy": buggy,
     "/ws-echo": ws_echo,
     "/ws-page": ws_page,
+    "/streams-page": streams_page,
     "/_burst": publish_burst,
     "/_batch": publish_batch,
     "/no-head": partial_without_head,

@@ -44,9 +44,16 @@ def redis_server(tmp_path):
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser_flags() -> tuple[str, ...]:
+    """More command-line flags for the ``browser`` fixture's chromium; a test
+    module overrides this fixture (tests/test_tls_streams.py: trust one key)."""
+    return ()
+
+
+@pytest.fixture
+def browser(tmp_path, browser_flags):
     """Debian's headless chromium, driven by selenium (``scripts/test.sh``
-    installs chromium and chromium-driver)."""
+    installs chromium and chromium-driver), with ``browser_flags``."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -55,7 +62,7 @@ def browser(tmp_path):
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--window-size=900,700",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", *browser_flags):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     driver.set_page_load_timeout(20)
