@@ -145,14 +145,17 @@ def run(n: int, minutes: int, minute_seconds: float, replace_fraction: float,
         finals = clients.stop()
         ids = publisher.ids
         first_id, last_id = ids[0], ids[-1]
-        expected = last_id - first_id + 1
+        # Every published id, each once. Not last - first + 1: ids are at
+        # least the clock in microseconds (bus/memory.py), so consecutive
+        # ones are rarely id + 1, and a chain's "gaps" (an id not last + 1)
+        # say nothing; its distinct ids from the first to the last do.
+        expected = len(ids)
         chains = [c for f in finals for c in f["chains"]]
         # [first, last, received, gaps, dups, gap_events, conns]
         connected = [c for c in chains if c[6] > 0]
         lost = sum(max(0, expected - c[2]) for c in connected if c[0] is not None)
         bad = [c for c in connected
-               if c[0] != first_id or c[1] != last_id or c[2] != expected or c[3] or c[4]
-               or c[5]]
+               if c[0] != first_id or c[1] != last_id or c[2] != expected or c[4] or c[5]]
         never = len(chains) - len(connected)
         latency = hist_stats(merge_hists([f["hist"].get("0", {}) for f in finals]))
         report = {
@@ -162,7 +165,7 @@ def run(n: int, minutes: int, minute_seconds: float, replace_fraction: float,
             "client_processes": len(clients.procs),
             "connect_seconds": round(connect_s, 1),
             "published": len(ids), "first_id": first_id, "last_id": last_id,
-            "id_range_gapless": ids == list(range(first_id, last_id + 1)),
+            "ids_increasing": ids == sorted(set(ids)),
             "publish_errors": publisher.errors[:10], "publish_error_count": len(publisher.errors),
             "publish_post_ms_max": round(max(publisher.post_seconds) * 1000, 1),
             "replaced": sum(f.get("replaced", 0) for f in finals),
@@ -185,7 +188,7 @@ def run(n: int, minutes: int, minute_seconds: float, replace_fraction: float,
             "held": series(rows, "held"),
         }
         report["no_loss"] = (not bad and lost == 0 and never == 0
-                             and not publisher.errors and report["id_range_gapless"])
+                             and not publisher.errors and report["ids_increasing"])
         report["all_held"] = (report["clients_held_at_end"] == n
                               and report["worker_held_at_end"] == n)
         log(f"published {len(ids)} (ids {first_id}..{last_id}); logical clients "

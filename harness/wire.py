@@ -79,6 +79,20 @@ def read_until(s: socket.socket, needle: bytes, buf: bytes = b"",
     return buf
 
 
+def read_within(s: socket.socket, needle: bytes, buf: bytes = b"",
+                seconds: float = 20) -> bytes:
+    """:func:`read_until`, for a stream that may have only heartbeats: fails
+    after ``seconds`` instead of reading them forever."""
+    deadline = time.monotonic() + seconds
+    while needle not in buf:
+        assert time.monotonic() < deadline, f"no {needle!r} in {buf[-1500:]!r}"
+        data = s.recv(65536)
+        if not data:
+            raise Closed(f"closed before {needle!r}: {buf!r}")
+        buf += data
+    return buf
+
+
 def read_head(s: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes]:
     """Read to the end of a response head: (the head without its blank line,
     the bytes read after it). Raises :class:`Closed` if the peer closes first."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 from harness import wire
 from harness.clients import published_id, wait_for
@@ -36,7 +35,7 @@ def comes_back(server, last: int) -> None:
                       f"Last-Event-ID: {last}\r\n") as s:
         opening = wire.read_until(s, b"retry: 2000\n\n")
         new = [published_id(server, CHANNEL, f"new {i}") for i in range(3)]
-        data = read_within(s, b"data: new 2\n\n", opening)
+        data = wire.read_within(s, b"data: new 2\n\n", opening)
     body = data.partition(b"\r\n\r\n")[2].decode()
     assert "event: gap" not in body, body
     assert _without_heartbeats(body) == "retry: 2000\n\n" + "".join(
@@ -48,19 +47,6 @@ def comes_back(server, last: int) -> None:
     assert [(m["id"], m["data"]) for m in poll["messages"]] == \
         [(new[i], f"new {i}") for i in range(3)]
     assert poll["last_id"] == new[-1]
-
-
-def read_within(s, needle: bytes, buf: bytes = b"", seconds: float = 20) -> bytes:
-    """read_until, but a stream that only has heartbeats fails after ``seconds``
-    instead of being read forever."""
-    deadline = time.monotonic() + seconds
-    while needle not in buf:
-        assert time.monotonic() < deadline, f"no {needle!r} in {buf[-2000:]!r}"
-        data = s.recv(65536)
-        if not data:
-            raise wire.Closed(f"closed before {needle!r}: {buf!r}")
-        buf += data
-    return buf
 
 
 def _without_heartbeats(body: str) -> str:

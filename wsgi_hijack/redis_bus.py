@@ -62,6 +62,7 @@ from .bus.base import (
     check_data,
     check_event,
 )
+from .redis_entries import CheckedReading, LiveIds, Skipped
 
 log = logging.getLogger("wsgi_hijack.bus")
 # Per OS thread, not per greenlet (which is what threading.local is once
@@ -174,7 +175,7 @@ def publish_and_wait(client: Any, script: str, sha: str, keys: tuple, args: tupl
     raise AssertionError("unreachable")
 
 
-class RedisBus(ScriptPublishing):
+class RedisBus(ScriptPublishing, CheckedReading):
     """A bus shared by every worker and host connected to the same Redis."""
 
     def __init__(self, url: str, prefix: str | None = None, history_size: int | None = None,
@@ -205,6 +206,9 @@ class RedisBus(ScriptPublishing):
         self._listener: gevent.Greenlet | None = None
         self._dispatch: Dispatch | None = None
         self._counters = Counters()
+        # What is read from Redis is checked at the edge (redis_entries).
+        self._live_ids = LiveIds()
+        self._skipped = Skipped()
 
     @property
     def _client(self) -> Any:
@@ -250,7 +254,9 @@ class RedisBus(ScriptPublishing):
                 key = self._key("s:", channel)
                 for raw_id, fields in self._client.xrange(key, min=f"({after}-0",
                                                           max=f"{upto}-0"):
-                    message = _message(channel, raw_id, fields)
+                    message = self._entry(channel, raw_id, fields)
+                    if message is None:
+                        continue  # not the publish script's: skipped, logged
                     if message.time < oldest:
                         gap = True  # expired by age: gone as far as the client knows
                         continue
@@ -264,8 +270,8 @@ class RedisBus(ScriptPublishing):
         return Replay(found, gap, upto)
 
     def _trimmed_after(self, channel: str, after: int) -> bool:
-        evicted = self._client.get(self._key("ev:", channel))
-        return evicted is not None and int(evicted.split(b"-")[0]) > after
+        evicted = self._evicted(channel, self._client.get(self._key("ev:", channel)))
+        return evicted is not None and evicted > after
 
     # -- the worker's subscription -------------------------------------------------
 
@@ -328,11 +334,14 @@ class RedisBus(ScriptPublishing):
                     kind, name = item["type"], item["channel"]
                     if not name.startswith(prefix):
                         continue
-                    channel = name[len(prefix):].decode()
                     if kind == b"message" or kind == "message":
-                        self._deliver(_parse(channel, item["data"]))
+                        # Checked: anything that is not the publish script's
+                        # is skipped (logged), and the listener goes on.
+                        message = self._live(name[len(prefix):], item["data"])
+                        if message is not None:
+                            self._deliver(message)
                     elif kind == b"subscribe" or kind == "subscribe":
-                        self._deliver(Live(channel))
+                        self._deliver(Live(name[len(prefix):].decode()))
             except _FAILURES as exc:
                 self._pubsub = None
                 log.warning("Redis bus lost its subscription (%s); reconnecting in %.1f s",
@@ -358,14 +367,3 @@ class RedisBus(ScriptPublishing):
             listener.kill(block=False)
         # (A listener thread ends at its next message or reconnect: nobody to dispatch to.)
 
-
-def _message(channel: str, raw_id: bytes, fields: dict) -> Message:
-    event = fields.get(b"e") or None
-    return Message(int(raw_id.split(b"-")[0]), channel, fields[b"d"].decode("utf-8"),
-                   event.decode() if event else None, float(fields[b"t"]))
-
-
-def _parse(channel: str, payload: bytes) -> Message:
-    id_, event, stamp, data = payload.split(b"\n", 3)
-    return Message(int(id_), channel, data.decode("utf-8"),
-                   event.decode() if event else None, float(stamp))

@@ -53,12 +53,11 @@ from .bus.positions import Position, after_on
 from .redis_bus import (
     _FAILURES,
     ScriptPublishing,
-    _message,
-    _parse,
     _thread_local,
     publish_and_wait,
 )
 from .redis_bus import _PUBLISH as _PUBLISH_ONE_SERVER
+from .redis_entries import CheckedReading, LiveIds, Skipped
 
 log = logging.getLogger("wsgi_hijack.bus")
 
@@ -83,7 +82,7 @@ class _Shard:
         self.runner: Any = None
 
 
-class RedisClusterBus(ScriptPublishing):
+class RedisClusterBus(ScriptPublishing, CheckedReading):
     """A bus on a Redis Cluster; see the module docstring."""
 
     confirms_subscriptions = True
@@ -110,6 +109,9 @@ class RedisClusterBus(ScriptPublishing):
         self._shards: dict[tuple[str, int], _Shard] = {}
         self._dispatch: Dispatch | None = None
         self._counters = Counters()
+        # What is read from Redis is checked at the edge (redis_entries).
+        self._live_ids = LiveIds()
+        self._skipped = Skipped()
         # node -> pause before subscribing there again after a loss (0.1 s,
         # doubling to 5 s, forgotten once the node confirms a subscription)
         self._backoff: dict[tuple[str, int], float] = {}
@@ -182,13 +184,15 @@ class RedisClusterBus(ScriptPublishing):
                     continue
                 for raw_id, fields in self._client.xrange(self._key("s", channel),
                                                           min=f"({start}-0", max=f"{upper}-0"):
-                    message = _message(channel, raw_id, fields)
+                    message = self._entry(channel, raw_id, fields)
+                    if message is None:
+                        continue  # not the publish script's: skipped, logged
                     if message.time < oldest:
                         gap = True
                         continue
                     found.append(message)
-                evicted = self._client.get(self._key("ev", channel))
-                if evicted is not None and int(evicted.split(b"-")[0]) > start:
+                evicted = self._evicted(channel, self._client.get(self._key("ev", channel)))
+                if evicted is not None and evicted > start:
                     gap = True
         except (*_FAILURES, BusUnavailable) as exc:
             log.warning("replay from %s failed: %s", self.url, exc)
@@ -275,12 +279,16 @@ class RedisClusterBus(ScriptPublishing):
                 kind, name = _text(item["type"]), item["channel"]
                 if not isinstance(name, bytes) or not name.startswith(prefix):
                     continue
-                channel = name[len(prefix):name.rindex(b"}")].decode()
+                raw_channel = name[len(prefix):name.rfind(b"}")]
                 if kind == "smessage":
-                    self._deliver(_parse(channel, item["data"]))
+                    # Checked: anything that is not the publish script's is
+                    # skipped (logged), and the listener goes on.
+                    message = self._live(raw_channel, item["data"])
+                    if message is not None:
+                        self._deliver(message)
                 elif kind == "ssubscribe":
                     self._backoff.pop(shard.address, None)
-                    self._deliver(Live(channel))
+                    self._deliver(Live(raw_channel.decode()))
         except _FAILURES as exc:
             # A failover takes seconds: no busy loop meanwhile.
             pause = self._backoff.get(shard.address, 0.1)
