@@ -265,10 +265,10 @@ def test_two_deployments_told_to_share_a_directory_still_keep_their_clients(site
     a = sites("a", f"unix:{tmp_path}/a.sock", env=shared)
     b = sites("b", f"unix:{tmp_path}/b.sock", env=shared)
     assert a.rendezvous == b.rendezvous == tmp_path / "shared"
-    assert len(list((tmp_path / "shared").glob("deployment-*.key"))) == 2
     a_reload_moves_all(a, 4)
     assert b.stats()["adopted"] == 0 and b.stats()["held"] == 0  # (it held none)
     assert "took" not in b.server.log()
+    assert len(list((tmp_path / "shared").glob("deployment-*.key"))) == 2
 
 
 GREEDY_SUCCESSOR = """
@@ -283,11 +283,11 @@ while True:
     conn.settimeout(10)
     try:
         conn.sendall(b"D" + os.urandom(16))        # a challenge, as a worker sends
-        conn.recv(4096)                             # the park's proof
+        _, first, _, _ = socket.recv_fds(conn, 4096, 250)  # the park's proof
         conn.sendall(b"K" + os.urandom(32))         # no key: a made-up answer
-        data, fds, _, _ = socket.recv_fds(conn, 1, 250)
-        print(f"got {len(fds)} fds", flush=True)
-        for fd in fds:
+        _, fds, _, _ = socket.recv_fds(conn, 1, 250)
+        print(f"got {len(first + fds)} fds", flush=True)
+        for fd in first + fds:
             os.close(fd)
     except OSError as exc:
         print(f"refused: {exc}", flush=True)
