@@ -218,10 +218,12 @@ def check_redis(url: str | None, env: dict[str, str] | None = None) -> Check | N
     replicas a publish waits for."""
     if not url:
         return None
+    from . import redis_connect
+
+    # What is printed never holds a password: the URL as hide() writes it,
+    # and an error's text with the URL's passwords taken out (redact()).
     try:
         import redis  # noqa: F401
-
-        from . import redis_connect
 
         target = redis_connect.parse(url)
         client = redis_connect.connect(target)
@@ -232,12 +234,13 @@ def check_redis(url: str | None, env: dict[str, str] | None = None) -> Check | N
         else:
             replicas = int(client.info("replication").get("connected_slaves", 0))
     except ImportError:
-        return Check("Redis", "FAIL", f"{url} configured, redis-py missing",
+        return Check("Redis", "FAIL", f"{redis_connect.hide(url)} configured, redis-py missing",
                      "pip install 'wsgi_hijack[redis]'")
     except ValueError as exc:
-        return Check("Redis", "FAIL", str(exc), "fix WSGI_HIJACK_REDIS_URL")
+        return Check("Redis", "FAIL", redis_connect.redact(str(exc), url),
+                     "fix WSGI_HIJACK_REDIS_URL")
     except Exception as exc:  # any failure to reach it is the finding
-        return Check("Redis", "FAIL", f"{url}: {exc}",
+        return Check("Redis", "FAIL", redis_connect.redact(f"{url}: {exc}", url),
                      "start redis-server there, or fix WSGI_HIJACK_REDIS_URL")
     where = target.describe()
     wanted = config.redis_min_replicas(url, env)

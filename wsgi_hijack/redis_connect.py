@@ -21,9 +21,10 @@ turn into a bus that silently talks to nobody.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
@@ -39,21 +40,18 @@ class RedisTarget:
     """A parsed ``WSGI_HIJACK_REDIS_URL``."""
 
     kind: str  # "single", "sentinel" or "cluster"
-    url: str
+    url: str = field(repr=False)  # (it may hold passwords: see hide())
     nodes: tuple[tuple[str, int], ...] = ()
     service: str = ""
     db: int = 0
     username: str | None = None
-    password: str | None = None
-    options: dict[str, str] = field(default_factory=dict)
+    password: str | None = field(default=None, repr=False)
+    options: dict[str, str] = field(default_factory=dict, repr=False)
 
     def describe(self) -> str:
-        """The URL without its password: for logs and error messages."""
+        """The URL without its passwords: for logs and error messages."""
         if self.kind == "single":
-            parts = urlsplit(self.url)
-            if parts.password:
-                return self.url.replace(f":{parts.password}@", ":***@", 1)
-            return self.url
+            return hide(self.url)
         nodes = ",".join(f"{h}:{p}" for h, p in self.nodes)
         if self.kind == "sentinel":
             return f"Sentinel service {self.service!r} (db {self.db}) via {nodes}"
@@ -63,7 +61,7 @@ class RedisTarget:
 def parse(url: str) -> RedisTarget:
     """``WSGI_HIJACK_REDIS_URL`` as a :class:`RedisTarget`; ValueError says what is wrong."""
     if not url.startswith(SCHEMES):
-        raise ValueError(f"WSGI_HIJACK_REDIS_URL={_hide(url)!r}: expected one of "
+        raise ValueError(f"WSGI_HIJACK_REDIS_URL={hide(url)!r}: expected one of "
                          f"{', '.join(SCHEMES)}")
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisTarget("single", url)
@@ -81,24 +79,24 @@ def parse(url: str) -> RedisTarget:
         password = unquote(secret) if colon else None
     nodes = tuple(_node(item, url) for item in hosts.split(",") if item.strip())
     if not nodes:
-        raise ValueError(f"{_hide(url)!r}: no host:port given")
+        raise ValueError(f"{hide(url)!r}: no host:port given")
     options = {k: v[-1] for k, v in parse_qs(query).items()}
     segments = [s for s in path.split("/") if s]
     if kind == "cluster":
         if segments and segments != ["0"]:
-            raise ValueError(f"{_hide(url)!r}: a Redis Cluster has only db 0; "
+            raise ValueError(f"{hide(url)!r}: a Redis Cluster has only db 0; "
                              "drop the path")
         return RedisTarget(kind, url, nodes, username=username, password=password,
                            options=options)
     if not segments or len(segments) > 2:
-        raise ValueError(f"{_hide(url)!r}: expected redis+sentinel://host:port,.../"
+        raise ValueError(f"{hide(url)!r}: expected redis+sentinel://host:port,.../"
                          "<service name>/<db>, e.g. .../mymaster/0")
     db = 0
     if len(segments) == 2:
         try:
             db = int(segments[1])
         except ValueError:
-            raise ValueError(f"{_hide(url)!r}: db must be a number, not "
+            raise ValueError(f"{hide(url)!r}: db must be a number, not "
                              f"{segments[1]!r}") from None
     return RedisTarget(kind, url, nodes, unquote(segments[0]), db, username, password,
                        options)
@@ -160,16 +158,52 @@ def explain(exc: BaseException, target: RedisTarget) -> str:
 def _node(item: str, url: str) -> tuple[str, int]:
     host, colon, port = item.strip().rpartition(":")
     if not colon or not host:
-        raise ValueError(f"{_hide(url)!r}: {item!r} is not host:port")
+        raise ValueError(f"{hide(url)!r}: {item!r} is not host:port")
     try:
         return host.strip("[]"), int(port)
     except ValueError:
-        raise ValueError(f"{_hide(url)!r}: port of {item!r} is not a number") from None
+        raise ValueError(f"{hide(url)!r}: port of {item!r} is not a number") from None
 
 
-def _hide(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, tail = rest.rpartition("@")
-    if at and ":" in userinfo:
-        return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{tail}"
-    return url
+# A query parameter that holds a password: redis-py takes ``?password=`` (and
+# passes any other name on to the connection: ``ssl_password=``...), the
+# Sentinel URL ``?sentinel_password=``.
+_SECRET_PARAMETER = re.compile(r"(?i)([?&][^=&#]*password[^=&#]*=)([^&#]*)")
+
+
+def hide(url: str) -> str:
+    """``url`` with every password in it as ``***``, in every form redis-py
+    or :func:`parse` reads one: ``scheme://[user]:password@``, also where the
+    user information is taken up to the last ``@`` (a password with ``/`` in
+    it, as the Sentinel and Cluster forms read it), and any query parameter
+    whose name says password (``?password=``, ``?sentinel_password=``,
+    ``?ssl_password=``), for ``redis://``, ``rediss://``, ``unix://`` and
+    ours alike. For logs, errors and the doctor: never print a URL without it."""
+    text = _SECRET_PARAMETER.sub(r"\1***", url)
+    for userinfo in _userinfo(text):
+        user, colon, secret = userinfo.partition(":")
+        if colon and secret:
+            text = text.replace(f"{userinfo}@", f"{user}:***@", 1)
+    return text
+
+
+def _userinfo(url: str) -> tuple[str, str]:
+    """The user information of ``url`` as redis-py reads it (up to the first
+    ``/``, ``?`` or ``#``) and as :func:`parse` does (the last ``@`` before ``?``)."""
+    rest = url.partition("://")[2] if "://" in url else url
+    return (re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[0],
+            rest.partition("?")[0].rpartition("@")[0])
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` (an error's, say) with each password of ``url`` in it, as
+    written or percent-decoded, replaced by ``***``."""
+    found = {userinfo.partition(":")[2] for userinfo in _userinfo(url)}
+    query = url.partition("?")[2]
+    found.update(value for name, value in parse_qsl(query, keep_blank_values=True)
+                 if "password" in name.lower())
+    found.update(m.group(2) for m in _SECRET_PARAMETER.finditer(url))
+    for secret in sorted({*found, *map(unquote, found)}, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "***")
+    return hide(text)
