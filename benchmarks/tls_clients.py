@@ -149,7 +149,12 @@ class Client(Worker):
         super().on_event(fd, select.EPOLLOUT, now)
 
     def count(self, conn: Conn, data: bytes) -> None:
-        """Heartbeats into ``conn.count``; each message's receive time by its tag."""
+        """Heartbeats into ``conn.count``; each message's receive time by its tag.
+
+        Heartbeats are counted by their text whatever the framing: nginx
+        passes the stream on in chunks, and a chunked ``Conn`` would halve
+        its count (it counts two CRLFs a chunk)."""
+        conn.chunked = False
         buf = conn.buf + data
         cut = buf.rfind(b"\n") + 1
         whole, conn.buf = buf[:cut], buf[cut:]
