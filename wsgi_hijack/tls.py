@@ -167,7 +167,12 @@ class TLSSocket:
         session = TLSSession(context)
         wire = b""
         while True:
-            done, out = session.handshake(wire)
+            try:
+                done, out = session.handshake(wire)
+            except TLSError as exc:  # the alert says why (an old version, no shared cipher)
+                if exc.goodbye:
+                    raw.sendall(exc.goodbye)
+                raise
             if out:
                 raw.sendall(out)
             if done:
