@@ -18,16 +18,17 @@ from __future__ import annotations
 import os
 import signal
 import ssl
-import threading
 import time
 from pathlib import Path
+
+import httpx
 
 from harness import servers
 from harness.clients import publish, wait_for, wait_held
 from harness.tls import WireTLSClient, assert_no_plaintext, make_certificate
 from harness.wire import HOST, Closed
 
-from .test_handoff import sse_events
+from .test_handoff import Publisher, sse_events
 from .test_tls_session import ALERT, records
 
 HEARTBEAT = 1.0
@@ -88,38 +89,25 @@ class Stream:
         return sse_events(self.plain)
 
 
-class Publisher:
-    """``POST /publish`` over TLS, ten times a second, keeping every attempt
-    and which were accepted (``202``); a restart may refuse some."""
+class TLSPublishing:
+    """What tests/test_handoff.py's ``Publisher`` publishes through, over
+    TLS: every attempt is kept; a restart may refuse some (their id: None)."""
 
     def __init__(self, server: servers.Server, context: ssl.SSLContext) -> None:
         self.server, self.context = server, context
         self.attempted: set[str] = set()
-        self.accepted: dict[int, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            text = f"news {n}"
-            self.attempted.add(text)
-            try:
-                resp = publish(self.server, "news", text, context=self.context)
-            except Exception:  # the restart: refused, reset, or no answer
-                resp = None
-            if resp is not None and resp.status_code == 202:
-                self.accepted[resp.json()["id"]] = text
-            self._stop.wait(0.1)
+    def publish(self, channel: str, data: str) -> int | None:
+        self.attempted.add(data)
+        try:
+            resp = publish(self.server, channel, data, context=self.context)
+        except httpx.HTTPError:  # the restart: reset, or no answer
+            return None
+        return resp.json()["id"] if resp.status_code == 202 else None
 
-    def accepted_after(self, after: int) -> list[tuple[int, str]]:
-        return sorted((i, text) for i, text in list(self.accepted.items()) if i > after)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
+def accepted_after(publisher: Publisher, after: int) -> list[tuple[int, str]]:
+    return sorted((i, text) for i, text in list(publisher.accepted.items()) if i > after)
 
 
 def reconnect(port: int, cafile: Path, version: ssl.TLSVersion, last_id: int) -> Stream:
@@ -157,7 +145,8 @@ def test_a_reload_says_goodbye_to_tls_streams_and_they_replay_what_they_missed(t
         old_worker, = server.workers()
         streams = [Stream(server.port, cert, version) for version in VERSIONS]
         wait_held(server, len(streams), WAIT, context)
-        publisher = Publisher(server, context)
+        publishing = TLSPublishing(server, context)
+        publisher = Publisher(publishing)
         for stream in streams:  # each is in the middle of the stream: messages came
             stream.read_until(lambda s=stream: len(s.events()) >= 2)
 
@@ -187,7 +176,7 @@ def test_a_reload_says_goodbye_to_tls_streams_and_they_replay_what_they_missed(t
                                "the new worker", WAIT)
         wait_held(server, len(again), WAIT, context)
         # A few more after the reconnects, then stop: the last accepted is the end.
-        wait_for(lambda: len(publisher.accepted_after(max(last_ids))) >= 20,
+        wait_for(lambda: len(accepted_after(publisher, max(last_ids))) >= 20,
                  "messages published after the reload", WAIT)
         publisher.stop()
         last = max(publisher.accepted)
@@ -195,10 +184,10 @@ def test_a_reload_says_goodbye_to_tls_streams_and_they_replay_what_they_missed(t
             stream.read_until(lambda s=stream: s.events() and s.events()[-1][0] >= last)
             got = stream.events()
             assert [i for i, _ in got] == sorted({i for i, _ in got}), got  # once, in order
-            expected = publisher.accepted_after(last_id)
+            expected = accepted_after(publisher, last_id)
             assert set(expected) <= set(got), sorted(set(expected) - set(got))  # none lost
             # Anything else it got was published (an answer lost in the restart).
-            assert {text for _, text in got} <= publisher.attempted, got
+            assert {text for _, text in got} <= publishing.attempted, got
             assert_no_plaintext(stream.client.wire_after_handshake, PLAINTEXT)
         assert new_worker != old_worker
         servers.assert_clean_log(server)
