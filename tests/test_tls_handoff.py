@@ -29,6 +29,7 @@ from harness.tls import WireTLSClient, assert_no_plaintext, make_certificate
 from harness.wire import HOST, Closed
 
 from .test_handoff import Publisher, sse_events
+from .test_tls_hostile import handshake
 from .test_tls_session import ALERT, records
 
 HEARTBEAT = 1.0
@@ -47,30 +48,13 @@ class Stream:
                  last_id: int | None = None) -> None:
         self.client = WireTLSClient(HOST, port, cafile=cafile, maximum_version=version,
                                     timeout=WAIT)
-        self.client.handshake()
-        if self.client.tls.version() == "TLSv1.3":
-            self._wait_for_tickets()
+        handshake(self.client)  # (and TLS 1.3's tickets: see there)
         since = "" if last_id is None else f"Last-Event-ID: {last_id}\r\n"
         self.client.send(f"GET /events?channel=news HTTP/1.1\r\nHost: localhost\r\n{since}\r\n"
                          .encode())
         self.plain = b""
         self.read_until(lambda: RETRY in self.plain)
         assert self.plain.startswith(b"HTTP/1.1 200 OK\r\n"), self.plain
-
-    def _wait_for_tickets(self) -> None:
-        """Send the request only once the server has read the Finished (its
-        session tickets say so). A TLS 1.3 request that comes in the same
-        read as the Finished is left undecrypted until the head deadline (a
-        bug, test_tls_streams.py::test_a_request_sent_with_the_clients_finished_is_answered);
-        this test is about restarts."""
-        deadline = time.monotonic() + WAIT
-        while not self.client.wire_after_handshake:
-            assert time.monotonic() < deadline, "no session ticket"
-            try:
-                data = self.client.recv(0.2)
-            except TimeoutError:
-                continue
-            raise Closed(f"before the request: {data!r}")
 
     def read_until(self, done) -> None:
         deadline = time.monotonic() + WAIT

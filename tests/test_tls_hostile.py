@@ -26,6 +26,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import pytest
 from harness import servers
 from harness.clients import published_id, read_pipe_until, stats, wait_for, wait_held
 from harness.tls import WireTLSClient, assert_no_plaintext, make_certificate
-from harness.wire import HOST, parse_head
+from harness.wire import HOST, Closed, parse_head
 
 from .test_tls_session import (
     ALERT,
@@ -99,12 +100,32 @@ def sse_request(channel: str) -> bytes:
     return f"GET /events?channel={channel} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
 
 
+def handshake(client: WireTLSClient) -> None:
+    """The handshake and, with TLS 1.3, the server's session tickets: they
+    say that it has read the client's Finished, so the request sent next
+    comes in a read of its own. A TLS 1.3 request that comes in the same
+    read as the Finished is left undecrypted until the head deadline (a bug,
+    test_tls_streams.py::test_a_request_sent_with_the_clients_finished_is_answered);
+    these tests are about other things."""
+    client.handshake()
+    if client.tls.version() != "TLSv1.3":
+        return
+    deadline = time.monotonic() + WAIT
+    while not client.wire_after_handshake:
+        assert time.monotonic() < deadline, "no session ticket"
+        try:
+            data = client.recv(0.2)
+        except TimeoutError:
+            continue
+        raise Closed(f"before the request: {data!r}")
+
+
 def open_stream(server: servers.Server, cafile: Path, channel: str,
                 version: ssl.TLSVersion | None = None) -> WireTLSClient:
     """An SSE stream over TLS, read up to its ``retry:`` hint (held by then)."""
     client = WireTLSClient(HOST, server.port, cafile=cafile, maximum_version=version,
                            timeout=WAIT)
-    client.handshake()
+    handshake(client)
     client.send(sse_request(channel))
     head = client.read_until(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
@@ -216,7 +237,7 @@ def test_a_partial_head_after_the_handshake_gets_an_encrypted_408(server, contex
     """Half a request head, then silence: at the deadline the client gets
     ``408`` encrypted, then the server's close_notify."""
     with WireTLSClient(HOST, server.port, cafile=certificate[0], timeout=WAIT) as client:
-        client.handshake()
+        handshake(client)
         client.send(b"GET /events?channel=never HTTP/1.1\r\nHost: loc")
         answer = client.read_to_close()
         assert client.closed_cleanly
