@@ -295,15 +295,60 @@ def kernel_growth(before: dict, after: dict, held: int, skb: set[str]) -> dict |
             "tcp_inuse_per_stream": d["sockstat"].get("tcp_inuse", 0) / held}
 
 
-def publish(port: int, cafile: Path | None, body: bytes) -> int:
-    conn = connection(port, cafile)
-    try:
-        conn.request("POST", f"/publish?channel={CHANNEL}", body=body)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
+class Publisher:
+    """``POST /publish`` to the worker on a kept-alive connection (as
+    ``kernel_memory.Publisher``), over TLS when ``cafile`` is given, opened
+    again when the worker closed it.
+
+    A request that gets no answer in ``first_timeout`` seconds on a new
+    connection is sent again on another and counted (``retries``); a
+    message's time is that of the request that was answered. A worker that
+    loses a request sent right behind the client's TLS handshake (bytes that
+    came with the client's ``Finished``) would otherwise stall the run for
+    its whole head deadline."""
+
+    def __init__(self, port: int, cafile: Path | None, first_timeout: float = 2.0,
+                 tries: int = 10) -> None:
+        self.port, self.cafile = port, cafile
+        self.first_timeout, self.tries = first_timeout, tries
+        self.retries = 0
+        self.conn: http.client.HTTPConnection | None = None
+        self.post(f"/publish?channel={CHANNEL}-warm-up", b"warm-up")
+
+    def post(self, target: str, body: bytes) -> tuple[int, float]:
+        """The answer's status, and when the request that got it was sent
+        (``time.monotonic()``)."""
+        for attempt in range(self.tries):
+            fresh = self.conn is None
+            if fresh:
+                self.conn = connection(self.port, self.cafile, timeout=self.first_timeout)
+            sent = time.monotonic()
+            try:
+                self.conn.request("POST", target, body=body)
+                resp = self.conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if attempt + 1 == self.tries:
+                    raise
+                # A kept-alive connection the worker closed meanwhile is no
+                # failure; a request that got no answer is.
+                self.retries += isinstance(exc, TimeoutError)
+                continue
+            if fresh:
+                self.conn.sock.settimeout(30)
+            if resp.getheader("Connection", "").lower() == "close":
+                self.close()
+            return resp.status, sent
+        raise AssertionError("unreachable")
+
+    def publish(self, body: bytes) -> tuple[int, float]:
+        return self.post(f"/publish?channel={CHANNEL}", body)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -386,6 +431,7 @@ def run_case(case: str, args: argparse.Namespace, index: int, repeat: int, workd
         warm.settle(args.heartbeat + 0.5)
         warm.stop()
         time.sleep(max(2.0, args.heartbeat))  # the warm-up's closes seen, their fds freed
+        publisher = Publisher(gunicorn.port, cert if tls_at_gunicorn else None)
         fds_idle = {name: fd_count(pid) for name, pid in pids.items()}
         before = snapshot(ports, pids, kernel)
 
@@ -423,12 +469,12 @@ def run_case(case: str, args: argparse.Namespace, index: int, repeat: int, workd
         statuses = []
         for k in range(args.messages):
             tag = f"tlsbench-{repeat}-{k}"
-            published[tag] = time.monotonic()
-            statuses.append(publish(gunicorn.port, cert if tls_at_gunicorn else None,
-                                    tag.encode()))
+            status, published[tag] = publisher.publish(tag.encode())
+            statuses.append(status)
             fleet.settle(args.message_interval, prog)
         fleet.settle(max(2.0, args.heartbeat), prog)
         fds = {name: fd_count(pid) for name, pid in pids.items()}
+        publisher.close()
         prog(force=True)
         finals = fleet.stop()
         fleet = None
@@ -477,6 +523,7 @@ def run_case(case: str, args: argparse.Namespace, index: int, repeat: int, workd
         fds=fds, fds_idle=fds_idle,
         fds_per_stream=(sum(fds.values()) - sum(fds_idle.values())) / held if held else None,
         published={"messages": args.messages, "statuses": statuses,
+                   "retries": publisher.retries,
                    "delivered": len(latencies), "expected": args.messages * held,
                    "p50_ms": _ms(percentile(latencies, 0.50)),
                    "p99_ms": _ms(percentile(latencies, 0.99)),
@@ -622,19 +669,21 @@ def markdown(data: dict) -> str:
                      f"{w['without_heartbeat']} | {by} | "
                      f"{_f(_ms(r.get('write_run_median_s')), '.1f')} | "
                      f"{r['connect_s']:.1f} | {r['loadavg_before']:.2f} |")
-    errors = [r for r in runs if r.get("client_errors") or (r.get("nginx") or {}).get("errors")]
+    errors = [r for r in runs if r.get("client_errors") or (r.get("nginx") or {}).get("errors")
+              or r["published"].get("retries")]
     if errors:
         lines += ["", "## Errors and retries", "",
-                  "What the clients met while connecting (each retried, up to 30 times) and "
+                  "What the clients met while connecting (each retried, up to 30 times), "
+                  "publishes sent again after no answer in 2 s on a new connection, and "
                   "nginx's error log, by line.", "",
-                  "| case | retries | clients gave up | client errors | nginx error log |",
-                  "|---|---|---|---|---|"]
+                  "| case | retries | clients gave up | client errors | publishes sent again | "
+                  "nginx error log |", "|---|---|---|---|---|---|"]
         for r in errors:
             ce = ", ".join(f"{k} {v:,}" for k, v in r.get("client_errors", {}).items()) or "-"
             ne = ", ".join(f"{k} ({v:,})" for k, v in
                            (r.get("nginx") or {}).get("errors", {}).items()) or "-"
             lines.append(f"| {r['case']} | {r['retries']:,} | {r['failed']:,} | {ce} | "
-                         f"{ne.replace('|', '/')} |")
+                         f"{r['published'].get('retries', 0)} | {ne.replace('|', '/')} |")
     notes = [r for r in runs if r["n"] < r["wanted"]]
     if notes:
         r = notes[0]
