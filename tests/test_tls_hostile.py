@@ -329,6 +329,49 @@ class RecordingProxy:
         assert not self.thread.is_alive(), "the proxied connection did not end"
 
 
+class SClient:
+    """``openssl s_client`` (``-msg``: its trace of every record) through a
+    :class:`RecordingProxy`, holding an SSE stream of ``channel``; its
+    interactive commands (``R``, ``K``) go to its stdin."""
+
+    def __init__(self, server: servers.Server, cafile: Path, version_flag: str,
+                 channel: str) -> None:
+        self.proxy = RecordingProxy(server.port)
+        self.shell = subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"{HOST}:{self.proxy.port}", version_flag,
+             "-crlf", "-msg", "-CAfile", str(cafile)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # The request once the session tickets are in (see handshake()).
+        self.got = read_pipe_until(self.shell, b"NewSessionTicket", timeout=WAIT)
+        self.type(f"GET /events?channel={channel} HTTP/1.1\nHost: localhost\n\n")
+        self.read_until(RETRY)
+        self.read_until(SSE_PING)
+
+    def type(self, line: str) -> None:
+        self.shell.stdin.write(line.encode())
+        self.shell.stdin.flush()
+
+    def read_until(self, needle: bytes) -> None:
+        self.got = read_pipe_until(self.shell, needle, self.got, WAIT)
+
+    def since(self, needle: bytes) -> bytes:
+        """What s_client printed after the last ``needle``."""
+        return self.got.rpartition(needle)[2]
+
+    def close(self) -> None:
+        if self.shell.poll() is None:
+            self.shell.kill()
+            self.shell.wait()
+        self.shell.stdin.close()
+        self.shell.stdout.close()
+        self.proxy.join()
+
+
+def kinds(wire: bytearray, start: int) -> list[int]:
+    """The content types of the records on ``wire`` from offset ``start``."""
+    return [kind for kind, _ in records(bytes(wire[start:]))]
+
+
 def test_a_renegotiation_is_refused(server, context, certificate, witness):
     """``openssl s_client -tls1_2`` asks for an SSE stream, then renegotiates
     (its ``R`` command). What happens, on the recorded wire and in
@@ -347,41 +390,57 @@ def test_a_renegotiation_is_refused(server, context, certificate, witness):
     So the stream does not continue, but only because this client ends it;
     nothing of it was ever on the wire in clear.
     """
-    proxy = RecordingProxy(server.port)
-    shell = subprocess.Popen(
-        ["openssl", "s_client", "-connect", f"{HOST}:{proxy.port}", "-tls1_2", "-crlf",
-         "-msg", "-CAfile", str(certificate[0])],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = SClient(server, certificate[0], "-tls1_2", "renegotiate")
     try:
-        shell.stdin.write(b"GET /events?channel=renegotiate HTTP/1.1\nHost: localhost\n\n")
-        shell.stdin.flush()
-        got = read_pipe_until(shell, RETRY, timeout=WAIT)
-        got = read_pipe_until(shell, SSE_PING, got, WAIT)
         wait_held(server, 2, WAIT, context)
-        before = (len(proxy.to_server), len(proxy.to_client))
-        shell.stdin.write(b"R\n")
-        shell.stdin.flush()
-        got = read_pipe_until(shell, b"RENEGOTIATING", got, WAIT)
-        assert shell.wait(WAIT) == 1
-        got += shell.stdout.read()
+        before = (len(client.proxy.to_server), len(client.proxy.to_client))
+        client.type("R\n")
+        client.read_until(b"RENEGOTIATING")
+        assert client.shell.wait(WAIT) == 1
+        client.got += client.shell.stdout.read()
     finally:
-        if shell.poll() is None:
-            shell.kill()
-            shell.wait()
-        shell.stdin.close()
-        shell.stdout.close()
-    proxy.join()
-    trace = got.decode(errors="replace")
-    assert "Alert [length 0002], warning no_renegotiation" in trace, trace[-3000:]
-    assert "Alert [length 0002], fatal handshake_failure" in trace, trace[-3000:]
-    asked = [kind for kind, _ in records(bytes(proxy.to_server[before[0]:]))]
+        client.close()
+    trace = client.since(b"RENEGOTIATING").decode(errors="replace")
+    assert "Alert [length 0002], warning no_renegotiation" in trace, trace
+    assert "Alert [length 0002], fatal handshake_failure" in trace, trace
+    asked = kinds(client.proxy.to_server, before[0])
     assert asked[0] == HANDSHAKE, asked  # the ClientHello of the renegotiation
-    answered = [kind for kind, _ in records(bytes(proxy.to_client[before[1]:]))]
+    answered = kinds(client.proxy.to_client, before[1])
     # Heartbeats may come first; then one alert, and no handshake at all.
     assert answered[-1] == ALERT and set(answered[:-1]) <= {APPLICATION_DATA}, answered
-    assert_no_plaintext(proxy.to_client[400:], PLAINTEXT)
+    assert_no_plaintext(client.proxy.to_client, PLAINTEXT)
     wait_held(server, 1, WAIT, context)
     assert "TLS error from the peer: SSLV3_ALERT_HANDSHAKE_FAILURE" in server.log()
+    witness.still_served()
+    servers.assert_clean_log(server)
+
+
+def test_a_tls13_key_update_is_answered_and_the_stream_goes_on(server, context, certificate,
+                                                               witness):
+    """TLS 1.3 has no renegotiation; what a client may ask for in the middle
+    of a stream is new keys (``openssl s_client -tls1_3``, its ``K``
+    command: a KeyUpdate that asks the server to update its own). The
+    reactor's session answers with its own KeyUpdate, and the stream goes
+    on under the new keys: heartbeats, then a message published after it."""
+    client = SClient(server, certificate[0], "-tls1_3", "key-update")
+    try:
+        wait_held(server, 2, WAIT, context)
+        client.type("K\n")
+        client.read_until(b"KEYUPDATE")
+        # The server's KeyUpdate comes back (as ours went out), then the stream.
+        client.read_until(b"<<< TLS 1.3, Handshake [length 0005], KeyUpdate")
+        client.read_until(SSE_PING)
+        text = "after the key update"
+        message_id = published_id(server, "key-update", text, context=context)
+        client.read_until(f"id: {message_id}\ndata: {text}\n\n".encode())
+        after = client.since(b"KEYUPDATE")
+        assert b">>> TLS 1.3, Handshake [length 0005], KeyUpdate" in after, after
+        assert client.shell.poll() is None  # s_client found nothing wrong
+        assert stats(server, context)["held"] == 2
+        assert_no_plaintext(client.proxy.to_client, [*PLAINTEXT, text.encode()])
+    finally:
+        client.close()
+    wait_held(server, 1, WAIT, context)
     witness.still_served()
     servers.assert_clean_log(server)
 
