@@ -20,7 +20,7 @@ import time
 import gevent
 import pytest
 
-from wsgi_hijack import lobby as lobby_module
+from wsgi_hijack import lobby_scan
 from wsgi_hijack.lobby import MAX_HEAD, Lobby
 
 pytestmark = pytest.mark.unit
@@ -44,7 +44,7 @@ class PeekCounter(_stdsocket):
 
 @pytest.fixture
 def counted(monkeypatch):
-    monkeypatch.setattr(lobby_module, "_stdsocket", PeekCounter)
+    monkeypatch.setattr(lobby_scan, "_stdsocket", PeekCounter)
     PeekCounter.peeked = PeekCounter.peeks = 0
     return PeekCounter
 
@@ -66,11 +66,13 @@ class Running:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
         self.handed: list[bytes] = []
+        self.rcvbufs: list[int] = []
         self.lobby = Lobby([self.listener], self._handoff, head_timeout=60,
                            room=lambda: 100, socket_class=_stdsocket, tls=tls).start()
 
     def _handoff(self, sock, listener) -> bool:
         self.handed.append(sock.recv(1 << 20))  # all there is: the head is in
+        self.rcvbufs.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
         sock.close()
         return True
 
@@ -136,6 +138,9 @@ def test_a_head_in_one_byte_segments_is_peeked_and_scanned_once(running, counted
     assert stats["peeked_bytes"] == counted.peeked + one_segment
     assert stats["scanned_bytes"] <= 2 * size + one_segment, stats
     assert stats["handed_over"] == 2 and r.lobby.waiting == 0
+    # A head in many segments gets a fixed receive buffer, so that the kernel
+    # merges its 1-byte segments: a peek walks the queue up to its offset.
+    assert r.rcvbufs[1] == 2 * 4 * MAX_HEAD != r.rcvbufs[0], r.rcvbufs
     whole.close()
     split.close()
 
@@ -213,7 +218,7 @@ def test_without_a_kernel_peek_offset_each_byte_is_still_scanned_once(
         running, counted, monkeypatch):
     # Kernels before Linux 6.9 keep no peek offset for TCP: each look peeks
     # the whole buffer again (a copy in the kernel), but scans only what is new.
-    monkeypatch.setattr(lobby_module, "_peek_offset_supported", False)
+    monkeypatch.setattr(lobby_scan, "_peek_offset_supported", False)
     size = 1000
     head = padded_head(size)
     r = running()

@@ -12,12 +12,8 @@ connection in an ``epoll`` set of its own, edge-triggered: a waiting head
 costs an fd, a dict entry and a deadline, never a greenlet. Each time bytes
 arrive the lobby *peeks* at them (``MSG_PEEK``: they stay in the kernel's
 buffer, not in this process's memory) and looks for the end of the head.
-A head split over many segments costs no more than a whole one: the lobby
-remembers how far it looked (a count and the last 3 bytes, where an end of
-head may straddle two segments) and peeks and scans only what is new, the
-kernel keeping the peek offset (``SO_PEEK_OFF``; without it, before Linux
-6.9, each look copies the buffer again in the kernel but still scans only
-the new bytes): benchmarks/results/lobby_scan.md.
+A head split over many segments is peeked and scanned once, each look
+resuming where the last stopped (:mod:`wsgi_hijack.lobby_scan`).
 Then the untouched connection is handed to the server (:class:`Lobby`'s
 ``handoff``), which reads and parses the request as if it had just
 accepted it. What can end a wait:
@@ -62,6 +58,20 @@ import gevent
 import gevent.event
 from gevent import monkey
 
+from .lobby_scan import (
+    MANY_LOOKS,
+    MAX_HEAD,
+    bound_receive_queue,
+    head_carry,
+    head_state,
+    hello_state,
+    peek,
+    peek_new,
+    resume_head,
+    resume_hello,
+    set_peek_offset,
+)
+
 log = logging.getLogger("wsgi_hijack.lobby")
 
 _epoll = monkey.get_original("select", "epoll")
@@ -73,91 +83,12 @@ _EPOLLRDHUP = 0x2000
 _EPOLLET = 1 << 31
 _PARK_MASK = _EPOLLIN | _EPOLLRDHUP | _EPOLLET
 
-#: The largest request head waited for, in bytes. nginx's default allows
-#: 32 KiB of headers (``large_client_header_buffers 4 8k``), Puma 112 KB;
-#: gunicorn's own limits (``limit_request_line``, ``limit_request_fields``,
-#: ``limit_request_field_size``) still apply to what is handed over.
-MAX_HEAD = 64 * 1024
 #: How long accepting pauses after ``EMFILE`` or ``ENFILE``, and how often a
 #: full budget is looked at again.
 _RETRY_ACCEPT = 0.05
 _WARN_EVERY = 60.0
 #: accept() errors that mean "no fd or memory just now": pause, do not fail.
 PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-def head_state(data: bytes, limit: int = MAX_HEAD) -> str:
-    """``"complete"``, ``"partial"`` or ``"too_large"``, for the bytes a client sent.
-
-    Empty lines before the request line are allowed (RFC 9112, section 2.2)
-    and are not an end of head.
-    """
-    body = data.lstrip(b"\r\n")
-    if b"\r\n\r\n" in body:
-        return "complete"
-    return "too_large" if len(data) >= limit else "partial"
-
-
-def head_carry(data: bytes) -> bytes | None:
-    """What a scan of a partial head carries to the next bytes: the last 3
-    bytes after the leading empty lines (an end of head may straddle the
-    boundary), or None while only CR and LF came."""
-    body = data.lstrip(b"\r\n")
-    return body[-3:] if body else None
-
-
-def resume_head(carry: bytes | None, new: bytes, seen: int,
-                limit: int = MAX_HEAD) -> tuple[str, bytes | None]:
-    """:func:`head_state` of a head whose first bytes were scanned already:
-    ``carry`` from that scan (:func:`head_carry`), ``new`` the bytes since,
-    ``seen`` all the bytes so far. Looks at each byte once; returns the state
-    and the carry for the next bytes."""
-    if carry is None:
-        new = new.lstrip(b"\r\n")
-        if not new:
-            return ("too_large" if seen >= limit else "partial"), None
-        carry = b""
-    window = carry + new
-    if b"\r\n\r\n" in window:
-        return "complete", None
-    return ("too_large" if seen >= limit else "partial"), window[-3:]
-
-
-#: TLS record type of a handshake message (RFC 8446, section 5.1).
-_TLS_HANDSHAKE = 0x16
-#: The largest TLS record a client may send: 2^14 bytes of plain text plus
-#: the largest expansion (RFC 8446, section 5.2).
-_TLS_MAX_RECORD = (1 << 14) + 2048
-_HTTP_METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-def hello_state(data: bytes) -> str:
-    """For a TLS listener: ``"complete"`` once the client's first TLS record
-    is in (its handshake can start without waiting), ``"partial"`` before;
-    ``"plain_http"`` for a clear-text request, ``"not_tls"`` for anything else."""
-    return _hello(data[:5], len(data))
-
-
-def _hello(first: bytes, seen: int) -> str:
-    """:func:`hello_state` from the first 5 bytes and how many came in all."""
-    if not first:
-        return "partial"
-    if first[0] != _TLS_HANDSHAKE:
-        return "plain_http" if first[0] in _HTTP_METHOD_START else "not_tls"
-    if len(first) < 5:
-        return "partial"
-    length = int.from_bytes(first[3:5], "big")
-    if length > _TLS_MAX_RECORD:
-        return "not_tls"
-    return "complete" if seen >= 5 + length else "partial"
-
-
-def resume_hello(first: bytes, new: bytes, seen: int) -> tuple[str, bytes]:
-    """:func:`hello_state` resumed: ``first`` holds the first (up to 5) bytes
-    seen before; returns the state and the first bytes now."""
-    if len(first) < 5:
-        first = (first + new)[:5]
-    return _hello(first, seen), first
 
 
 def answer(status: str, reason: str) -> bytes:
@@ -232,10 +163,10 @@ class Lobby:
         # batch expires: a list slot each.
         self._deadlines: deque[tuple[float, list[int]]] = deque()
         self._ready: deque[tuple[int, int]] = deque()  # (fd, listener index)
-        # fd -> (bytes seen, carry, peek offset on): the scan of a head that
-        # was not whole at its first look, resumed where it stopped
+        # fd -> (bytes seen, carry, peek offset on, looks): the scan of a head
+        # that was not whole at its first look, resumed where it stopped
         # (:meth:`_look_again`). A head that comes whole costs no entry here.
-        self._scans: dict[int, tuple[int, bytes | None, bool]] = {}
+        self._scans: dict[int, tuple[int, bytes | None, bool, int]] = {}
         self._accepting = False
         self._running = False
         self._warn_paused = PauseWarning()
@@ -395,7 +326,7 @@ class Lobby:
         if scan is not None:
             self._look_again(fd, mask, *scan)
             return
-        data = _peek(fd)
+        data = peek(fd)
         if data == b"" or (data is None and mask & (_EPOLLHUP | _EPOLLERR)):
             self.stats["gone"] += 1
             self._close(fd)
@@ -409,21 +340,21 @@ class Lobby:
             # Split over segments: from now on each look peeks and scans
             # only what is new (the kernel keeps the peek offset).
             carry = data[:5] if self.tls else head_carry(data)
-            self._scans[fd] = (len(data), carry, _set_peek_offset(fd, len(data)))
+            self._scans[fd] = (len(data), carry, set_peek_offset(fd, len(data)), 1)
             return
         self._decide(fd, mask, state)
 
     def _look_again(self, fd: int, mask: int, seen: int, carry: bytes | None,
-                    offset_on: bool) -> None:
+                    offset_on: bool, looks: int) -> None:
         """:meth:`_look` for a head partly scanned before: each byte is
         peeked and scanned once where the kernel keeps a peek offset
         (``SO_PEEK_OFF``, TCP since Linux 6.9); without it each look peeks
         the whole buffer again (a copy in the kernel) and scans the new part."""
         if offset_on:
-            new = _peek_new(fd, MAX_HEAD - seen)
+            new = peek_new(fd, MAX_HEAD - seen)
             eof = new == b""
         else:
-            whole = _peek_new(fd, MAX_HEAD)
+            whole = peek_new(fd, MAX_HEAD)
             eof = False
             if isinstance(whole, bytes):
                 if not whole:  # what was seen cannot vanish unread: a reset
@@ -449,7 +380,10 @@ class Lobby:
         else:
             state, carry = resume_head(carry, new, seen)
         if state == "partial" and not mask & (_EPOLLRDHUP | _EPOLLHUP):
-            self._scans[fd] = (seen, carry, offset_on)
+            looks += 1
+            if looks == MANY_LOOKS:  # tiny segments: have the kernel merge them
+                bound_receive_queue(fd)
+            self._scans[fd] = (seen, carry, offset_on, looks)
             return
         self._decide(fd, mask, state)
 
@@ -501,7 +435,7 @@ class Lobby:
         entry = self._parked.pop(fd)
         scan = self._scans.pop(fd, None)
         if scan is not None and scan[2]:
-            _set_peek_offset(fd, -1)  # the server reads (or peeks) from the start
+            set_peek_offset(fd, -1)  # the server reads (or peeks) from the start
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):  # ValueError: the lobby is closed
@@ -527,55 +461,8 @@ class Lobby:
         _close_fd(fd)
 
     def _refuse_at_stop(self, fd: int) -> None:
-        sent = fd in self._scans or _peek(fd)
+        sent = fd in self._scans or peek(fd)
         self._close(fd, _RESTARTING if sent and not self.tls else b"")
-
-
-def _peek(fd: int) -> bytes | None:
-    """What the client sent so far, left in the kernel's buffer; None when
-    nothing is there yet, b"" at EOF or after a reset."""
-    data = _peek_new(fd, MAX_HEAD)
-    return b"" if isinstance(data, OSError) else data
-
-
-def _peek_new(fd: int, size: int) -> bytes | None | OSError:
-    """Up to ``size`` bytes from the fd's peek offset (its start when none is
-    set), left in the kernel's buffer; None when nothing is there yet, b"" at
-    EOF, the error after a reset."""
-    sock = _stdsocket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
-    try:
-        return sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        return exc
-    finally:
-        sock.detach()
-
-
-#: Linux's ``SO_PEEK_OFF`` (not in Python's ``socket`` module): once set, each
-#: ``MSG_PEEK`` goes on from where the last one stopped.
-_SO_PEEK_OFF = 42
-#: Whether this kernel keeps a peek offset for TCP (Linux 6.9 and later);
-#: learned from the first try.
-_peek_offset_supported = True
-
-
-def _set_peek_offset(fd: int, offset: int) -> bool:
-    """Set (or with -1 clear) the fd's peek offset; False where TCP has none."""
-    global _peek_offset_supported
-    if not _peek_offset_supported:
-        return False
-    sock = _stdsocket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, offset)
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.ENOPROTOOPT):
-            _peek_offset_supported = False
-        return False
-    finally:
-        sock.detach()
 
 
 def _shutdown_write(fd: int) -> None:
