@@ -176,7 +176,11 @@ class TLSSocket:
             if out:
                 raw.sendall(out)
             if done:
-                return cls(raw, session)
+                tls = cls(raw, session)
+                # What came in the same read as the client's Finished (a client
+                # often sends its request with it) is already in the session.
+                tls._plain = tls._receive(b"")
+                return tls
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("TLS handshake not finished before the head deadline")
