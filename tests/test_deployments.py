@@ -393,10 +393,15 @@ def test_a_binary_upgrade_finds_the_private_directory(sites, tmp_path):
 
 
 def test_the_private_directory_goes_with_the_last_master(sites, tmp_path):
-    """The directory the master made is gone once it exits (a shutdown)."""
+    """The directory the master made is gone once it exits (a shutdown),
+    with what a worker killed by SIGKILL left there."""
     a = sites("a", f"127.0.0.1:{servers.free_port()}")
     where = a.rendezvous
     assert any(where.glob("deployment-*.key"))
+    killed = a.listening()[0]
+    os.kill(killed, signal.SIGKILL)
+    wait_for(lambda: a.listening() and a.listening() != [killed], "the replacement")
+    assert rendezvous.worker_socket(where, killed).exists()  # left behind
     a.stop()
     assert not where.exists()
 

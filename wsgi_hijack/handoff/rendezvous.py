@@ -207,6 +207,7 @@ def remove(where: Path, ident: str) -> None:
         return  # another master of this deployment runs on (a binary upgrade)
     unmark(key_path(where, ident))
     if os.environ.get(MADE) == str(where):
+        prune(where)  # (a worker killed or stopped mid-start leaves its socket)
         try:
             where.rmdir()
         except OSError as exc:
