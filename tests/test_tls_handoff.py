@@ -16,6 +16,7 @@ goodbye.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import ssl
 import time
@@ -148,8 +149,7 @@ def test_a_reload_says_goodbye_to_tls_streams_and_they_replay_what_they_missed(t
         wait_for(lambda: f"[{old_worker}] [INFO] Worker exiting" in server.log(),
                  "the old worker's exit", WAIT)
         log = server.log()
-        assert "gave 0 held connections to the park" in log, log
-        assert "gave 1 held" not in log and "gave 3 held" not in log, log
+        assert re.findall(r"gave (\d+) held connections to the park", log) == ["0"], log
 
         # Back, each from the last id it got.
         last_ids = [stream.events()[-1][0] for stream in streams]
