@@ -30,7 +30,6 @@ from harness.tls import WireTLSClient, assert_no_plaintext, make_certificate
 from harness.wire import HOST, Closed
 
 from .test_handoff import Publisher, sse_events
-from .test_tls_hostile import handshake
 from .test_tls_session import ALERT, records
 
 HEARTBEAT = 1.0
@@ -49,7 +48,7 @@ class Stream:
                  last_id: int | None = None) -> None:
         self.client = WireTLSClient(HOST, port, cafile=cafile, maximum_version=version,
                                     timeout=WAIT)
-        handshake(self.client)  # (and TLS 1.3's tickets: see there)
+        self.client.handshake()
         since = "" if last_id is None else f"Last-Event-ID: {last_id}\r\n"
         self.client.send(f"GET /events?channel=news HTTP/1.1\r\nHost: localhost\r\n{since}\r\n"
                          .encode())
@@ -118,10 +117,6 @@ def test_a_reload_says_goodbye_to_tls_streams_and_they_replay_what_they_missed(t
     lost. No plaintext on any wire; no traceback in the log."""
     cert, key = make_certificate(tmp_path / "tls")
     context = ssl.create_default_context(cafile=str(cert))
-    # The test's own requests in TLS 1.2: with TLS 1.3 the worker may leave a
-    # request that came with the handshake's Finished unanswered (a bug,
-    # test_tls_streams.py::test_a_request_sent_with_the_clients_finished_is_answered).
-    context.maximum_version = ssl.TLSVersion.TLSv1_2
     server = servers.start("gunicorn", tmp_path, app="tests.apps:app", heartbeat=HEARTBEAT,
                            tls=(cert, key))
     publisher = None

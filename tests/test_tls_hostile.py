@@ -26,7 +26,6 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import pytest
 from harness import servers
 from harness.clients import published_id, read_pipe_until, stats, wait_for, wait_held
 from harness.tls import WireTLSClient, assert_no_plaintext, make_certificate
-from harness.wire import HOST, Closed, parse_head
+from harness.wire import HOST, parse_head
 
 from .test_tls_session import (
     ALERT,
@@ -68,15 +67,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def context(certificate) -> ssl.SSLContext:
-    """For the test's own requests (``/_stats``, ``/publish``): TLS 1.2.
-    With TLS 1.3, httpx's request often comes in one segment with its
-    handshake's Finished, and the worker leaves it undecrypted until the
-    head deadline closes the connection without an answer (a bug, shown by
-    test_tls_streams.py::test_a_request_sent_with_the_clients_finished_is_answered).
-    In TLS 1.2 the client waits for the server's Finished before it sends."""
-    context = ssl.create_default_context(cafile=str(certificate[0]))
-    context.maximum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    return ssl.create_default_context(cafile=str(certificate[0]))
 
 
 @pytest.fixture(scope="module")
@@ -100,32 +91,12 @@ def sse_request(channel: str) -> bytes:
     return f"GET /events?channel={channel} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
 
 
-def handshake(client: WireTLSClient) -> None:
-    """The handshake and, with TLS 1.3, the server's session tickets: they
-    say that it has read the client's Finished, so the request sent next
-    comes in a read of its own. A TLS 1.3 request that comes in the same
-    read as the Finished is left undecrypted until the head deadline (a bug,
-    test_tls_streams.py::test_a_request_sent_with_the_clients_finished_is_answered);
-    these tests are about other things."""
-    client.handshake()
-    if client.tls.version() != "TLSv1.3":
-        return
-    deadline = time.monotonic() + WAIT
-    while not client.wire_after_handshake:
-        assert time.monotonic() < deadline, "no session ticket"
-        try:
-            data = client.recv(0.2)
-        except TimeoutError:
-            continue
-        raise Closed(f"before the request: {data!r}")
-
-
 def open_stream(server: servers.Server, cafile: Path, channel: str,
                 version: ssl.TLSVersion | None = None) -> WireTLSClient:
     """An SSE stream over TLS, read up to its ``retry:`` hint (held by then)."""
     client = WireTLSClient(HOST, server.port, cafile=cafile, maximum_version=version,
                            timeout=WAIT)
-    handshake(client)
+    client.handshake()
     client.send(sse_request(channel))
     head = client.read_until(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
@@ -237,7 +208,7 @@ def test_a_partial_head_after_the_handshake_gets_an_encrypted_408(server, contex
     """Half a request head, then silence: at the deadline the client gets
     ``408`` encrypted, then the server's close_notify."""
     with WireTLSClient(HOST, server.port, cafile=certificate[0], timeout=WAIT) as client:
-        handshake(client)
+        client.handshake()
         client.send(b"GET /events?channel=never HTTP/1.1\r\nHost: loc")
         answer = client.read_to_close()
         assert client.closed_cleanly
@@ -343,8 +314,7 @@ class SClient:
             ["openssl", "s_client", "-connect", f"{HOST}:{self.proxy.port}", version_flag,
              "-crlf", "-msg", "-CAfile", str(cafile)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        # The request once the session tickets are in (see handshake()).
-        self.got = read_pipe_until(self.shell, b"NewSessionTicket", timeout=WAIT)
+        self.got = b""
         self.type(f"GET /events?channel={channel} HTTP/1.1\nHost: localhost\n\n")
         self.read_until(RETRY)
         self.read_until(SSE_PING)
