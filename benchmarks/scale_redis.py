@@ -459,7 +459,7 @@ class Gunicorn(Server):
     def publish(self, data: str) -> int:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/publish?channel={CHANNEL}", data=data.encode(),
-            method="POST")
+            method="POST", headers={"Content-Type": "application/octet-stream"})  # not a form
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())["id"]
 

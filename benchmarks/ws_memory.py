@@ -193,7 +193,8 @@ def _sse_loop(poller, conn, socks: dict, received: dict[int, list[float]]) -> No
 
 def _publish(port: int, data: str) -> int:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/publish?channel={CHANNEL}",
-                                     data=data.encode(), method="POST")
+                                     data=data.encode(), method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())["id"]
 

@@ -197,6 +197,34 @@ def ws_max_queue() -> int:
     return int(_positive("WSGI_HIJACK_WS_MAX_QUEUE", 64, int))
 
 
+def publish_token() -> str | None:
+    """``WSGI_HIJACK_PUBLISH_TOKEN``: the demo's ``POST /publish`` (and its
+    WebSocket chat) then needs ``Authorization: Bearer <token>``, from any
+    address. Unset: only loopback clients may publish, and ``POST /publish``
+    refuses the content types a page on any site can send
+    (:mod:`wsgi_hijack.demo_publish`)."""
+    return os.environ.get("WSGI_HIJACK_PUBLISH_TOKEN") or None
+
+
+def allowed_origins() -> tuple[str, ...]:
+    """``WSGI_HIJACK_ALLOWED_ORIGINS``: the browser origins (``scheme://host[:port]``,
+    separated by commas or spaces; ``*`` for any) whose pages may open a
+    WebSocket and publish in the demo, besides the server's own origin on a
+    loopback address (``http://127.0.0.1:8000``, ``http://localhost:8000``).
+    Default: none besides. The ``Host`` header alone never makes an origin
+    allowed: a DNS rebinding page sends its own name in both
+    (:func:`wsgi_hijack.websocket.origin_allowed`)."""
+    raw = os.environ.get("WSGI_HIJACK_ALLOWED_ORIGINS", "")
+    origins = []
+    for item in raw.replace(",", " ").split():
+        origin = item.strip().lower().rstrip("/")
+        if origin != "*" and ("://" not in origin or origin.count("/") != 2):
+            raise ValueError(f"WSGI_HIJACK_ALLOWED_ORIGINS: {item!r} is not an origin; expected "
+                             "scheme://host[:port] (no path), or *")
+        origins.append(origin)
+    return tuple(origins)
+
+
 def handoff_enabled() -> bool:
     """``WSGI_HIJACK_HANDOFF``: ``1`` (default) moves held connections to the
     successor worker on a reload or recycle (:mod:`wsgi_hijack.handoff`);

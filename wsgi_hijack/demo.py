@@ -11,10 +11,11 @@ Routes:
 - ``GET /ws?channel=C``: a WebSocket chat (:mod:`wsgi_hijack.demo_ws`).
 - ``GET /metrics``: Prometheus metrics, summed over the workers.
 - ``POST /publish?channel=C[&event=E]``: the body is the message; ``202``
-  and ``{"id": N}``. With ``WSGI_HIJACK_PUBLISH_TOKEN`` set, it needs
+  and ``{"id": N}``. Never from another site's page (``Origin``,
+  ``Sec-Fetch-Site``). With ``WSGI_HIJACK_PUBLISH_TOKEN`` set, it needs
   ``Authorization: Bearer <token>``; without it, only loopback clients may
-  publish (:func:`wsgi_hijack.demo_publish.may_publish`, the rule the
-  WebSocket chat applies too).
+  publish, and not in a form or text content type
+  (:mod:`wsgi_hijack.demo_publish`, whose rule the WebSocket chat applies too).
 
 ``channel`` may be repeated on the subscribing routes to listen to several.
 """
@@ -27,7 +28,8 @@ from urllib.parse import parse_qs
 
 from . import config
 from .bus import BusUnavailable, PublishError, publish
-from .demo_publish import may_publish
+from .demo_publish import may_post_message
+from .demo_publish import may_publish as may_publish  # the examples' views import it from here
 from .demo_ws import ws_route
 from .hijack import HijackMiddleware, is_hijackable, partial_hijack
 from .protocols.plain import HEAD_HEADERS, PlainStream
@@ -45,7 +47,7 @@ BEEP = PlainStream(b"BEEP\n")
 
 
 def _publish(environ: dict, start_response, query: dict) -> Iterable[bytes]:
-    allowed, status, reason = may_publish(environ)
+    allowed, status, reason = may_post_message(environ)
     if not allowed:
         extra = [("WWW-Authenticate", "Bearer")] if status.startswith("401") else []
         return plain_response(start_response, status, reason + "\n", extra)

@@ -13,7 +13,9 @@ that may not publish keeps its connection and still receives; each text it
 sends is answered, to it alone, with ``{"error": "<status>: <reason>"}`` and
 nothing is published. Binary messages are never published (the bus carries
 text); they get an error reply too, as does a message the bus refuses.
-Cross-site pages are refused with 403 (the default Origin rule: same host).
+Other sites' pages are refused with 403 before the upgrade (the Origin rule
+of :func:`wsgi_hijack.websocket.origin_allowed`: the server's own origin on a
+loopback name, or one ``WSGI_HIJACK_ALLOWED_ORIGINS`` lists).
 """
 
 from __future__ import annotations

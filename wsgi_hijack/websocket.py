@@ -19,13 +19,17 @@ What it does, in order:
    ``400`` with the reason. A missing ``Sec-WebSocket-Version`` is a ``400``;
    a version other than 13 is a ``426 Upgrade Required`` with
    ``Sec-WebSocket-Version: 13``, as the RFC asks.
-2. **Checks the Origin** before upgrading; refused with ``403``. By default
-   only the same host is allowed: the Origin's ``host[:port]`` must equal the
-   request's ``Host``. ``allowed_origins`` lists more origins
-   (``"https://app.example.com"``, compared case-insensitively) or ``"*"`` for
-   any. A request without an Origin (not a browser: curl, a server, the
-   ``websockets`` library) is allowed: Origin protects browsers' users from
-   other sites' pages, and any other client can send whatever Origin it likes.
+2. **Checks the Origin** before upgrading; refused with ``403``. Allowed:
+   the origins ``allowed_origins`` and ``WSGI_HIJACK_ALLOWED_ORIGINS`` list
+   (``"https://app.example.com"``, compared case-insensitively; ``"*"`` for
+   any), and the server's own origin on a loopback name (the Origin's
+   ``host[:port]`` equals the request's ``Host`` and is ``localhost``,
+   ``127.x.x.x`` or ``[::1]``). An Origin equal to ``Host`` is not enough
+   elsewhere: a page can send its own name in both (DNS rebinding), so a
+   public deployment lists its origins. A request without an Origin (not a
+   browser: curl, a server, the ``websockets`` library) is allowed: Origin
+   protects browsers' users from other sites' pages, and any other client can
+   send whatever Origin it likes.
 3. **Chooses a subprotocol**: ``select_subprotocol(offered)`` if given (it
    returns one of the client's offers, or None), else the first of the app's
    ``subprotocols`` that the client offered (server preference). No match: no
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import logging
 from collections import deque
@@ -54,6 +59,7 @@ import gevent
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
+from . import config
 from .adapters.resume import RESUME
 from .connection import Connection
 from .hijack import is_hijackable, partial_hijack
@@ -257,22 +263,36 @@ def check_handshake(environ: dict) -> str:
     return key
 
 
-def origin_allowed(environ: dict, allowed_origins: Iterable[str] | None) -> bool:
+def origin_allowed(environ: dict, allowed_origins: Iterable[str] | None = None) -> bool:
     """Is the request's Origin allowed? See the module docstring."""
     origin = environ.get("HTTP_ORIGIN")
     if origin is None:
         return True
     origin = origin.strip().lower().rstrip("/")
+    allowed = set(config.allowed_origins())
     if allowed_origins is not None:
-        allowed = {o.strip().lower().rstrip("/") for o in allowed_origins}
-        if "*" in allowed or origin in allowed:
-            return True
+        allowed.update(o.strip().lower().rstrip("/") for o in allowed_origins)
+    if "*" in allowed or origin in allowed:
+        return True
+    # The server's own origin, on a loopback name only: a page anywhere can
+    # make its Origin equal Host (DNS rebinding: its name, then our address),
+    # never make its name a loopback one.
     host = environ.get("HTTP_HOST", "").strip().lower()
     try:
-        netloc = urlsplit(origin).netloc
+        parts = urlsplit(origin)
+        name = parts.hostname
     except ValueError:
         return False
-    return bool(host) and netloc == host
+    return bool(host) and parts.netloc == host and _loopback_name(name)
+
+
+def _loopback_name(name: str | None) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name or "").is_loopback
+    except ValueError:
+        return False
 
 
 def choose_subprotocol(environ: dict, subprotocols: Sequence[str] | None,
