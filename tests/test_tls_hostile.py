@@ -489,3 +489,32 @@ def test_a_plain_http_request_gets_a_clear_text_400_and_nothing_else(server, con
     assert stats(server, context)["held"] == 1
     witness.still_served()
     servers.assert_clean_log(server)
+
+
+def test_stalled_handshakes_take_no_pool_slot(tmp_path, certificate, context):
+    """Clients that send a ClientHello and then nothing hold a greenlet and an
+    fd until the head deadline, but no ``worker_connections`` slot: with more
+    of them than slots, a new TLS client is still served at once, long before
+    their deadline (60 s here)."""
+    srv = servers.start("gunicorn", tmp_path, app="tests.apps:app", heartbeat=HEARTBEAT,
+                        tls=certificate, args=("--worker-connections", "2"),
+                        env={"WSGI_HIJACK_HEAD_TIMEOUT": "60"})
+    stalled = []
+    try:
+        for _ in range(6):
+            sock = socket.create_connection((HOST, srv.port), timeout=WAIT)
+            sock.sendall(client_hello())
+            stalled.append(sock)
+        for sock in stalled:  # each got the server's first flight: its handshake is under way
+            sock.settimeout(WAIT)
+            assert sock.recv(5)[:1] == bytes([HANDSHAKE])
+        with WireTLSClient(HOST, srv.port, cafile=certificate[0], timeout=WAIT) as client:
+            client.handshake()
+            client.send(b"GET /_stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = client.read_to_close()
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200]
+        servers.assert_clean_log(srv)
+    finally:
+        for sock in stalled:
+            sock.close()
+        srv.stop()

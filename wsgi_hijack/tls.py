@@ -87,7 +87,10 @@ class TLSSession:
         """Feed bytes from the wire; returns ``(plain text, bytes for the wire)``.
 
         The second is what the session must answer on its own (a key
-        update, the ``close_notify`` answering the peer's). With b"" it
+        update). After the peer's ``close_notify`` (:attr:`peer_closed`) it
+        reads nothing more, but may still be written to (TLS 1.3 closes each
+        direction apart): the owner sends :meth:`close` when its response is
+        done. With b"" it
         returns the plain text already decrypted and not yet read (what
         arrived with the request head). Raises :class:`TLSError` on bytes
         that are not TLS, a fatal alert, or a renegotiation.
@@ -104,9 +107,8 @@ class TLSSession:
                 chunks.append(data)
         except ssl.SSLWantReadError:  # all there is, for now
             pass
-        except ssl.SSLZeroReturnError:  # close_notify: answer it, then nothing more
+        except ssl.SSLZeroReturnError:  # close_notify: nothing more comes
             self.peer_closed = True
-            return b"".join(chunks), self._outgoing.read() + self.close()
         except ssl.SSLError as exc:
             raise TLSError(f"TLS error from the peer: {exc.reason or exc}",
                            self._outgoing.read()) from None

@@ -403,10 +403,12 @@ class Reactor(Loop, Messages):
             data = self._decrypt(conn, data)
             if conn.fd < 0:
                 return
-            if conn.tls.peer_closed:  # its close_notify, answered: it reads nothing more
+            if conn.tls.peer_closed:  # its close_notify: a stream's client has left
                 if data:
                     self._received(conn, data)
-                self._drop(conn, "dropped_closed")
+                if conn.fd >= 0:
+                    self._wire.last_words(conn, conn.tls.close())  # answered with ours
+                    self._drop(conn, "dropped_closed")
                 return
             if not data:
                 return

@@ -61,6 +61,9 @@ class GeventWorker(ggevent.GeventWorker):
     _told_to_stop: gevent.event.Event | None = None
     #: The server's TLS settings when ``certfile`` is set (our handshake).
     _tls: ssl.SSLContext | None = None
+    #: TLS connections between the lobby and a pool slot: in their handshake
+    #: or waiting for their head (each an fd and a greenlet, no slot).
+    _handshaking = 0
 
     def run(self) -> None:
         if self.server_class is not None:
@@ -78,7 +81,8 @@ class GeventWorker(ggevent.GeventWorker):
             sock.setblocking(1)
 
         def room() -> int:
-            return budget.room(reactor.holding, lobby.waiting + len(pool))
+            return budget.room(reactor.holding,
+                               lobby.waiting + len(pool) + self._handshaking)
 
         # A listener shared with other workers (no SO_REUSEPORT): one accept
         # per wake-up, as gunicorn does, so that one worker does not take
@@ -118,10 +122,27 @@ class GeventWorker(ggevent.GeventWorker):
             self._told_to_stop.set()
 
     def _hand_off(self, client: Any, listener: Any) -> bool:
+        if self._tls is not None:
+            # The handshake and the head take a greenlet, not a pool slot: a
+            # client that stalls there must not keep others from being served
+            # (the fd budget bounds how many wait, as in the lobby).
+            self._handshaking += 1
+            gevent.spawn(self._serve_tls, listener, client)
+            return True
         if self.pool.full():
             return False
         self.pool.spawn(self._serve, listener, client)
         return True
+
+    def _serve_tls(self, listener: Any, client: Any) -> None:
+        try:
+            tls = self._handshake(client)
+            if tls is None:
+                return
+            self.pool.wait_available()  # a slot once the head is in
+        finally:
+            self._handshaking -= 1
+        self.pool.spawn(self._serve, listener, tls)
 
     def _serve(self, listener: Any, client: Any) -> None:
         try:
@@ -130,10 +151,6 @@ class GeventWorker(ggevent.GeventWorker):
             except OSError:  # reset while it waited for a slot
                 client.close()
                 return
-            if self._tls is not None:
-                client = self._handshake(client)
-                if client is None:
-                    return
             self.handle(listener, client, addr)
         finally:
             if self.lobby is not None and self.lobby.waiting:
@@ -166,7 +183,8 @@ class GeventWorker(ggevent.GeventWorker):
     def _stop(self, lobby: Lobby, pool: Pool) -> None:
         lobby.stop_accepting()
         started = time.monotonic()
-        while lobby.waiting and time.monotonic() - started < STOP_LINGER:
+        while (lobby.waiting or self._handshaking) and \
+                time.monotonic() - started < STOP_LINGER:
             gevent.sleep(0.1)
         lobby.close()
         # Then as gunicorn: requests in flight get graceful_timeout.
