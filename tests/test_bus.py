@@ -92,3 +92,13 @@ def test_a_handed_over_bus_goes_on_above_its_predecessor():
     new.restore(old.hand_over())
     assert new.publish("c", "next") == ids[-1] + 1
     assert [m.data for m in new.replay(["c"], ids[0]).messages] == ["1", "2", "next"]
+
+
+def test_after_a_lost_bus_a_gap_is_reported_only_for_what_the_new_one_let_go():
+    ticks = itertools.count(1_000_000)
+    old = InProcessBus(clock=ticks.__next__).publish("news", "seen")
+    new = InProcessBus(history_size=2, clock=ticks.__next__)
+    ids = [new.publish("news", f"m{i}") for i in range(3)]
+    replay = new.replay(["news"], old)
+    assert replay.gap and [m.id for m in replay.messages] == ids[1:]  # m0 is gone
+    assert not new.replay(["news"], ids[0]).gap
