@@ -603,17 +603,18 @@ def markdown(data: dict) -> str:
         f"`{PATH}`, heartbeat {meta['args']['heartbeat']:g} s. Written by "
         "`benchmarks/tls.py` (its docstring says how each figure is taken).",
         "",
-        "| case | streams held | heartbeats per stream in the window (min-max) | TLS | "
+        "| case | repeat | streams held | heartbeats per stream in the window (min-max) | TLS | "
         "RSS per stream: worker | nginx | sum | kernel per stream (host-wide) | "
         "CPU per heartbeat (us) | CPU per stream set up (us) | fds per stream | "
         "publish-to-receive p50 / p99 (ms) | delivered |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         w, p, k = r["window"], r["published"], r.get("kernel") or {}
         rss = r["rss_per_stream"]
         lines.append(
-            f"| {r['case']} | {r['held']:,} of {r['n']:,} | {w['min']}-{w['max']} | "
+            f"| {r['case']} | {r['repeat'] + 1} | {r['held']:,} of {r['n']:,} | "
+            f"{w['min']}-{w['max']} | "
             f"{r.get('tls_version') or '-'} {r.get('cipher') or ''} | "
             f"{_f(rss.get('gunicorn worker'))} | {_f(rss.get('nginx worker'))} | "
             f"**{_f(r['rss_per_stream_total'])}** | {_f(k.get('total'))} | "
@@ -635,13 +636,15 @@ def markdown(data: dict) -> str:
                 f"{_f(x['setup_cpu_per_stream'], '.2f')} | {_f(x['fds_per_stream'], '.2f')} | "
                 f"{_f(x['p99'], '.2f')} |")
     lines += ["", "## By process", "",
-              "| case | process | RSS at start (MB) | RSS per stream | CPU per heartbeat (us) | "
-              "CPU per stream set up (us) | fds at the end |", "|---|---|---|---|---|---|---|"]
+              "| case | repeat | process | RSS at start (MB) | RSS per stream | "
+              "CPU per heartbeat (us) | CPU per stream set up (us) | fds at the end |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         w = r["window"]
         for name in r["pids"]:
             lines.append(
-                f"| {r['case']} | {name} | {r['rss_start'][name] / 1e6:.1f} | "
+                f"| {r['case']} | {r['repeat'] + 1} | {name} | "
+                f"{r['rss_start'][name] / 1e6:.1f} | "
                 f"{_f(r['rss_per_stream'][name])} | "
                 f"{_f(w['cpu_per_heartbeat_us_by_process'][name], '.2f')} | "
                 f"{_f(r['setup_cpu_per_stream_us'][name])} | {r['fds'][name]:,} |")
@@ -651,21 +654,23 @@ def markdown(data: dict) -> str:
                   "these figures, the same TCP sockets in every case, so the differences "
                   "between cases are the servers' (nginx adds a socket for the client and one "
                   "for the upstream, the worker's socket stays).", "",
-                  "| case | TCP sockets per stream | slab | socket buffers | total |",
-                  "|---|---|---|---|---|"]
+                  "| case | repeat | TCP sockets per stream | slab | socket buffers | total |",
+                  "|---|---|---|---|---|---|"]
         for r in runs:
             k = r.get("kernel")
             if k:
-                lines.append(f"| {r['case']} | {k['sockets_per_stream']:.2f} | "
+                lines.append(f"| {r['case']} | {r['repeat'] + 1} | "
+                             f"{k['sockets_per_stream']:.2f} | "
                              f"{_f(k['slab'])} | {_f(k['buffers'])} | {_f(k['total'])} |")
     lines += ["", "## The hold window", "",
-              "| case | seconds | heartbeats received | streams without one | CPU (s) by "
-              "process | heartbeat write run, median (ms) | connect phase (s) | "
-              "load average before |", "|---|---|---|---|---|---|---|---|"]
+              "| case | repeat | seconds | heartbeats received | streams without one | CPU (s) "
+              "by process | heartbeat write run, median (ms) | connect phase (s) | "
+              "load average before |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         w = r["window"]
         by = ", ".join(f"{n} {c:.2f}" for n, c in w["cpu"].items())
-        lines.append(f"| {r['case']} | {w['seconds']:.1f} | {w['heartbeats']:,} | "
+        lines.append(f"| {r['case']} | {r['repeat'] + 1} | {w['seconds']:.1f} | "
+                     f"{w['heartbeats']:,} | "
                      f"{w['without_heartbeat']} | {by} | "
                      f"{_f(_ms(r.get('write_run_median_s')), '.1f')} | "
                      f"{r['connect_s']:.1f} | {r['loadavg_before']:.2f} |")
@@ -692,7 +697,7 @@ def markdown(data: dict) -> str:
                   f"{r['nginx']['idle_fds']} fds of its own, one nginx worker fits "
                   f"{r['nginx']['fits']:,} streams, so `tls-nginx` ran at {r['n']:,} "
                   f"(the others at {r['wanted']:,}); every figure is per held stream."]
-    lines += ["", "Raw figures: `tls.json`; plot: `tls.png`.", ""]
+    lines += ["", "Raw figures: `tls.json`; plot (the last repeat): `tls.png`.", ""]
     return "\n".join(lines)
 
 
@@ -725,7 +730,7 @@ def plot(out: Path, runs: list[dict]) -> Path | None:
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend()
     fig.suptitle(f"{shown[0]['held']:,} SSE streams, heartbeat {shown[0]['heartbeat']:g} s, "
-                 "one gunicorn worker")
+                 f"one gunicorn worker (repeat {last + 1} of {last + 1})")
     fig.tight_layout()
     path = out / "tls.png"
     fig.savefig(path)

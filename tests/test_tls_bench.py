@@ -65,6 +65,6 @@ def test_tls_benchmark_small_run(tmp_path):
     assert set(ratios) == set(CASES)
     md = (tmp_path / "tls.md").read_text()
     for case in CASES:
-        assert f"| {case} | {N:,} of {N:,} |" in md, case
+        assert f"| {case} | 1 | {N:,} of {N:,} |" in md, case
     assert "## Against plain streams in the same run" in md
     assert (tmp_path / "tls.png").read_bytes().startswith(PNG_MAGIC)
