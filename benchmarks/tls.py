@@ -301,11 +301,11 @@ class Publisher:
     again when the worker closed it.
 
     A request that gets no answer in ``first_timeout`` seconds on a new
-    connection is sent again on another and counted (``retries``); a
-    message's time is that of the request that was answered. A worker that
-    loses a request sent right behind the client's TLS handshake (bytes that
-    came with the client's ``Finished``) would otherwise stall the run for
-    its whole head deadline."""
+    connection is sent again on another and counted (``retries``, in the
+    report); a message's time is that of the request that was answered. A
+    request the worker lost (as one sent right behind the client's TLS
+    ``Finished`` once was) then shows in the report instead of stalling the
+    run for the worker's whole head deadline."""
 
     def __init__(self, port: int, cafile: Path | None, first_timeout: float = 2.0,
                  tries: int = 10) -> None:
