@@ -1,6 +1,6 @@
 """Streams over TLS: TLS at our gunicorn worker against plain streams and against nginx.
 
-    python benchmarks/tls.py                        # 10,000 streams a case, ~10 minutes
+    python benchmarks/tls.py                        # 10,000 streams a case, 4-7 minutes a repeat
     python benchmarks/tls.py --connections 50 --rounds 2 --messages 1 --out /tmp/tls
 
 Three cases in one invocation, each on ONE gunicorn worker with the
