@@ -189,6 +189,20 @@ def commit_of(root: Path) -> str:
     return proc.stdout.strip() or "?"
 
 
+NOTE = """\
+What each look costs is what the lobby does per segment -- a wake-up, an
+`epoll` poll, a peek -- and what the kernel does to find the new bytes. A
+peek copies from the start of the receive queue, or with `SO_PEEK_OFF` from
+the offset, walking the queue to it; a queue nobody reads is never merged
+while the kernel can grow its buffer instead. So the lobby peeks from the
+offset and, after 16 looks, fixes the connection's receive buffer
+(`SO_RCVBUF`, 256 KiB) so that the kernel merges the tiny segments: each
+look then costs the same however far into the head it is. "this, no
+SO_PEEK_OFF" is this tree as on Linux before 6.9: each look copies the
+buffer again (in the kernel), and scans only the new bytes.
+"""
+
+
 def markdown(data: dict) -> str:
     lines = [
         "# The lobby's scan of a split head",
@@ -201,6 +215,7 @@ def markdown(data: dict) -> str:
         "thread CPU time of its steps (accepting, looking), per head. Ratio: a split "
         "head's CPU over a whole one's, in the same run.",
         "",
+        NOTE,
         f"Trees: this = {data['commits']['this']}, baseline = "
         f"{data['commits'].get('baseline', '-')}; kernel {os.uname().release}.",
         "",
