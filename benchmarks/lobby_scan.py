@@ -49,16 +49,14 @@ def padded_head(size: int) -> bytes:
 # -- the child: one tree's lobby and the client -------------------------------------------
 
 def child(size: int, whole: int, split: int, peek_offset: bool) -> dict:
-    import importlib
-
     import gevent
 
     from wsgi_hijack import lobby as lobby_module
 
-    try:  # where the peeks are made: wsgi_hijack.lobby before the scan moved out
-        peeking = importlib.import_module("wsgi_hijack.lobby_scan")
-    except ImportError:
-        peeking = lobby_module
+    # Where the peeks are made: the module of the tree's own lobby (not one an
+    # import would find elsewhere); wsgi_hijack.lobby before the scan moved out.
+    peek = getattr(lobby_module, "peek", None)
+    peeking = sys.modules[peek.__module__] if peek is not None else lobby_module
 
     stdsocket = socket.socket
     counts = {"cpu": 0.0, "looks": 0, "peeks": 0, "peeked": 0}
@@ -152,7 +150,8 @@ def child(size: int, whole: int, split: int, peek_offset: bool) -> dict:
         for client in clients:
             client.close()
 
-    result = {"lobby": lobby_module.__file__, "whole": measure(run_whole)}
+    result = {"lobby": lobby_module.__file__, "peeks_in": peeking.__file__,
+              "whole": measure(run_whole)}
     assert handed == [size] * whole, handed
     result["split"] = measure(run_split)
     assert handed == [size] * split, handed
