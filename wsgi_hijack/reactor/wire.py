@@ -87,7 +87,7 @@ class Wire:
 
     def decrypt(self, conn: Connection, wire: bytes) -> tuple[bytes, str | None]:
         """The plain text in ``wire`` for a TLS connection, and why to drop it,
-        if so. What TLS answers by itself (a key update, a ``close_notify``)
+        if so. What TLS answers by itself (a key update)
         is written; a peer that breaks TLS gets the alert, if any."""
         assert conn.tls is not None
         try:
